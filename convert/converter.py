@@ -1,0 +1,247 @@
+"""Convert a SegFace release checkpoint (``model_299.pt``) into a segface-jax Orbax checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from segface_jax.convert.rules import FAMILIES, Family
+
+from segface_jax.checkpoint import abstract_model, flat_state, save_checkpoint
+from segface_jax.models import SegFaceConfig
+from segface_jax.variants import VARIANTS, Variant, get_variant
+
+
+class ConversionError(Exception):
+    """The file cannot be converted exactly; the message lists every problem and the fix."""
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion mapped, checked and skipped."""
+
+    variant: Variant
+    source: Path
+    sha256: str
+    mapped: int = 0
+    num_parameters: int = 0
+    checked: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Human-readable lines for the CLI."""
+        lines = [f"variant {self.variant.name}: {self.mapped} tensors mapped "
+                 f"({self.num_parameters / 1e6:.2f} M values) from {self.source.name}"]
+        if self.checked:
+            lines.append(f"{len(self.checked)} index buffers checked against the values "
+                         "recomputed from static shapes (not loaded)")
+        reasons: dict[str, list[str]] = {}
+        for key, why in self.skipped.items():
+            reasons.setdefault(why, []).append(key)
+        for why, keys in reasons.items():
+            lines.append(f"skipped {', '.join(keys)}: {why}")
+        return "\n".join(lines)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The model tensors of a release ``.pt`` file, loaded with ``weights_only=True`` only.
+
+    Accepts the release format (a dict with ``state_dict_backbone``) or a bare state_dict.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"{path}: refused to load: the file holds Python objects that a safe "
+            f"(weights_only) load does not allow, so it may execute code ({first[:200]}). "
+            "Use the original model_299.pt from kartiknarayan/SegFace.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConversionError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Download model_299.pt again."
+        ) from None
+    state = obj.get("state_dict_backbone", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConversionError(
+            f"{path}: not a SegFace checkpoint: expected a dict with 'state_dict_backbone' "
+            "(a state_dict of tensors), as in the release files model_299.pt")
+    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).numpy()
+            for k, v in state.items()}
+
+
+_TOKEN = re.compile(r"face_decoder\.(\w+)_token\.weight")
+
+
+def detect_backbone(state: Mapping[str, Any]) -> str:
+    """torchvision architecture name of the encoder that produced ``state``."""
+    def has(k: str) -> bool:
+        return k in state
+
+    def blocks(stage_index: int) -> int:
+        pat = re.compile(rf"backbone\.0\.{stage_index}\.(\d+)\.")
+        return len({m.group(1) for k in state if (m := pat.match(k))})
+
+    if any(".cpb_mlp." in k for k in state):
+        return "swin_v2_b" if state["backbone.0.0.0.weight"].shape[0] == 128 else "swin_v2_s/t"
+    if has("backbone.0.1.0.attn.relative_position_bias_table"):
+        width = state["backbone.0.0.0.weight"].shape[0]
+        return "swin_b" if width == 128 else ("swin_s" if blocks(5) == 18 else "swin_t")
+    if has("backbone.0.1.0.layer_scale"):
+        width = state["backbone.0.0.0.weight"].shape[0]
+        return "convnext_base" if width == 128 else (
+            "convnext_small" if blocks(5) == 27 else "convnext_tiny")
+    if has("backbone.4.0.conv1.weight"):
+        return "resnet101"
+    if has("backbone.0.0.weight") and has("backbone.16.0.weight"):
+        return "mobilenet_v3_large"
+    if has("backbone.0.0.weight"):
+        return "efficientnet_v2_m"
+    raise ConversionError("cannot recognise the backbone from the checkpoint keys "
+                          f"(first keys: {', '.join(list(state)[:5])})")
+
+
+def infer_variant(state: Mapping[str, Any], requested: str | None, path: Path) -> Variant:
+    """The released variant a state_dict belongs to, or an error naming the candidates."""
+    backbone = detect_backbone(state)
+    tokens = {m.group(1) for k in state if (m := _TOKEN.fullmatch(k))}
+    candidates = [v for v in VARIANTS.values()
+                  if v.backbone == backbone and set(v.classes) == tokens]
+    found = f"{backbone} encoder with {len(tokens)} class tokens"
+    if requested is not None:
+        variant = get_variant(requested)
+        if variant not in candidates:
+            names = ", ".join(v.name for v in candidates) or "none of the released variants"
+            raise ConversionError(f"{path}: --variant {requested} expects a {variant.backbone} "
+                                  f"encoder with {variant.num_classes} classes, but the file has "
+                                  f"a {found}; it matches: {names}")
+        return variant
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ConversionError(f"{path}: a {found} matches no released variant")
+    raise ConversionError(
+        f"{path}: a {found} fits several variants (the resolution is not stored and LaPa and "
+        f"Helen share shapes); pass --variant with one of: "
+        f"{', '.join(v.name for v in candidates)}")
+
+
+def family_of(backbone: str) -> Family:
+    """The rule family for a torchvision backbone, or a clear error for unimplemented ones."""
+    for prefix, name in (("swin_v2", None), ("swin", "swin"), ("convnext", "convnext")):
+        if backbone.startswith(prefix) and name:
+            return FAMILIES[name]
+    raise ConversionError(f"backbone {backbone} is not implemented in segface-jax yet "
+                          f"(implemented: {', '.join(sorted(FAMILIES))})")
+
+
+def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
+                   expected: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str],
+                                                         dict[str, str]]:
+    """Apply ``family``'s rules to ``state``; raise ONE error listing every problem.
+
+    ``expected`` maps each Flax path to a leaf with ``.shape``. Returns the Flax arrays, the
+    checked buffer keys and the skipped keys with their reasons.
+    """
+    out: dict[str, np.ndarray] = {}
+    unused, mismatched, duplicate, bad_buffers, checked = [], [], [], [], []
+    skipped: dict[str, str] = {}
+    seen_targets: set[str] = set()
+    for key, tensor in state.items():
+        reason = next((why for pat, why in family.ignored.items() if re.fullmatch(pat, key)), None)
+        if reason is not None:
+            skipped[key] = reason
+            continue
+        check = next(((c, m) for c in family.checks if (m := re.fullmatch(c.pattern, key))), None)
+        if check is not None:
+            c, m = check
+            if not np.array_equal(np.asarray(tensor), c.expected(m, tensor)):
+                bad_buffers.append(f"{key} ({c.reason}: stored values differ)")
+            checked.append(key)
+            continue
+        rule = next((r for r in family.rules if r.apply(key) is not None), None)
+        target = rule.apply(key) if rule else None
+        if target is None or target not in expected:
+            unused.append(key if target is None else f"{key} (-> {target}, not in the model)")
+            continue
+        seen_targets.add(target)
+        value = rule.transform(tensor)
+        if tuple(value.shape) != tuple(expected[target].shape):
+            want = tuple(expected[target].shape)
+            mismatched.append(f"{key} {tuple(tensor.shape)} -> {target}: got "
+                              f"{tuple(value.shape)}, model expects {want}")
+            continue
+        if target in out:
+            duplicate.append(f"{key} -> {target}")
+            continue
+        out[target] = np.ascontiguousarray(value, dtype=np.float32)
+    unfilled = [k for k in expected if k not in out and k not in seen_targets]
+    problems = []
+    for title, items in (("unused checkpoint keys", unused),
+                         ("model parameters not filled", unfilled),
+                         ("shape mismatches", mismatched),
+                         ("several keys map to one parameter", duplicate),
+                         ("stored index buffers that differ from torchvision's", bad_buffers)):
+        if items:
+            problems.append(f"{len(items)} {title}:\n" + "\n".join(f"  {i}" for i in items))
+    if problems:
+        raise ConversionError("the checkpoint does not map exactly onto the model:\n"
+                              + "\n".join(problems))
+    return out, checked, skipped
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], variant: Variant,
+                       cfg: SegFaceConfig | None = None) -> tuple[dict[str, np.ndarray],
+                                                                  list[str], dict[str, str]]:
+    """Map a release state_dict onto the Flax model of ``variant`` (or of ``cfg``)."""
+    cfg = cfg or SegFaceConfig.from_variant(variant)
+    expected = flat_state(abstract_model(cfg))
+    return map_state_dict(state, family_of(cfg.backbone), expected)
+
+
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike,
+                       variant: str | None = None, overwrite: bool = False) -> ConversionReport:
+    """Convert ``src`` (a release ``.pt``) into an Orbax checkpoint directory at ``out_dir``.
+
+    Nothing is written unless every key maps exactly; the directory appears atomically.
+    """
+    src = Path(src)
+    state = load_state_dict(src)
+    v = infer_variant(state, variant, src)
+    params, checked, skipped = convert_state_dict(state, v)
+    report = ConversionReport(v, src, sha256_file(src), mapped=len(params),
+                              num_parameters=sum(a.size for a in params.values()),
+                              checked=checked, skipped=skipped)
+    metadata = {
+        "variant": v.name, "backbone": v.backbone, "dataset": v.dataset,
+        "resolution": v.resolution, "classes": list(v.classes),
+        "source": {"file": src.name, "sha256": report.sha256, "bytes": src.stat().st_size},
+        "skipped_keys": skipped,
+        "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    save_checkpoint(out_dir, params, metadata, overwrite=overwrite)
+    return report

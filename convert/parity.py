@@ -1,0 +1,142 @@
+"""``segface-jax parity``: run the PyTorch reference and the JAX model on the same face."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from segface_jax import preprocess
+from segface_jax.variants import HUB_REPO, Variant
+
+# scikit-image's ``astronaut`` (512 x 512): a square crop around the face and its 5 landmarks
+# (eye centres, nose tip, mouth corners) in full-image pixels, read off the photo by eye.
+ASTRONAUT_FACE_BOX = (94, 0, 350, 256)
+ASTRONAUT_LANDMARKS = np.array(
+    [[201.5, 101.5], [248.0, 103.0], [223.0, 125.0], [205.5, 141.5], [242.0, 142.5]], np.float32)
+
+
+def sample_face(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Astronaut face crop at ``resolution``: (uint8 RGB, normalised NHWC, landmarks (1,5,2))."""
+    from skimage import data
+
+    x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
+    crop = data.astronaut()[y0:y1, x0:x1]
+    scale = resolution / (x1 - x0)
+    rgb = preprocess.resize_rgb(crop, resolution)
+    lm = (ASTRONAUT_LANDMARKS - np.array([x0, y0], np.float32)) * scale
+    return rgb, preprocess.normalize(rgb)[None], lm[None].astype(np.float32)
+
+
+def default_landmarks(resolution: int) -> np.ndarray:
+    """Landmarks of an already aligned, centred face: the standard points at ``resolution``."""
+    from segface_jax.align import STANDARD_FACE_POINTS
+
+    return ((STANDARD_FACE_POINTS + 1) * (resolution - 1) / 2)[None].astype(np.float32)
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """How far the JAX logits are from the PyTorch reference's."""
+
+    max_abs_diff: float
+    ref_max_abs: float
+    argmax_agreement: float
+
+    @property
+    def relative(self) -> float:
+        """max |delta| / max |reference logit|."""
+        return self.max_abs_diff / self.ref_max_abs
+
+
+def compare(jax_logits: np.ndarray, torch_logits_nhwc: np.ndarray) -> ParityResult:
+    """Parity figures for two (N, H, W, C) logit arrays."""
+    diff = float(np.abs(jax_logits - torch_logits_nhwc).max())
+    agree = float((jax_logits.argmax(-1) == torch_logits_nhwc.argmax(-1)).mean())
+    return ParityResult(diff, float(np.abs(torch_logits_nhwc).max()), agree)
+
+
+def run_torch(model, images_nhwc: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+    """Reference logits (N, H, W, C) for NHWC inputs, float32, no grad."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+        lm = None if landmarks is None else torch.from_numpy(landmarks)
+        return model(x, lm).permute(0, 2, 3, 1).numpy()
+
+
+def fetch_release(variant: Variant) -> Path | None:
+    """The release file from the hub (cached by huggingface_hub), or None when unreachable."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(HUB_REPO, variant.hub_filename))
+    except Exception as e:  # offline, DNS failure, HTTP error: all mean "no release file"
+        print(f"Hugging Face hub unreachable ({type(e).__name__}); using a seeded "
+              "release-format checkpoint with RANDOM weights instead")
+        return None
+
+
+def seeded_release(variant: Variant, directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a randomised release-format checkpoint of ``variant`` and return its path."""
+    from segface_jax.convert import reference
+
+    model = reference.randomize(reference.build_reference(variant), seed)
+    return reference.save_release(model, Path(directory) / f"{variant.name}_seed{seed}.pt")
+
+
+def run_parity(variant: Variant, weights: str | None, image: str | None,
+               out: str | None) -> ParityResult:
+    """The ``parity`` command: convert, run both models, print the figures, write an overlay."""
+    import jax
+    import torch
+    from PIL import Image, ImageDraw
+    from segface_jax.convert import reference
+    from segface_jax.convert.converter import convert_checkpoint, load_state_dict
+
+    import segface_jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    r = variant.resolution
+    with tempfile.TemporaryDirectory(prefix="segface-parity-") as tmp:
+        path = Path(weights) if weights else fetch_release(variant)
+        random_weights = path is None
+        if random_weights:
+            path = seeded_release(variant, tmp)
+        report = convert_checkpoint(path, Path(tmp) / "orbax", variant.name)
+        print(report.summary())
+        model = segface_jax.load(Path(tmp) / "orbax")
+        ref = reference.build_reference(variant)
+        ref.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(path).items()})
+        ref.eval()
+    if image:
+        rgb = preprocess.resize_rgb(preprocess.read_rgb(image), r)
+        x, lm = preprocess.normalize(rgb)[None], default_landmarks(r)
+        source = image
+    else:
+        rgb, x, lm = sample_face(r)
+        source = "scikit-image astronaut"
+    lm = lm if variant.needs_landmarks else None
+    jax_logits = np.asarray(model(x, landmarks=lm))
+    result = compare(jax_logits, run_torch(ref, x, lm))
+    print(f"{variant.name} on {source} at {r}x{r}: max |delta| = {result.max_abs_diff:.3e}, "
+          f"max |ref| = {result.ref_max_abs:.3e}, relative = {result.relative:.3e}, "
+          f"argmax agreement = {100 * result.argmax_agreement:.4f}%")
+    out = Path(out or f"parity_{variant.name}.png")
+    labels = jax_logits[0].argmax(-1)
+    panel = np.concatenate([rgb, preprocess.overlay(rgb, labels, variant.palette)], axis=1)
+    img = Image.fromarray(panel)
+    if random_weights:
+        ImageDraw.Draw(img).text((8, 8), "RANDOM WEIGHTS (hub unreachable): mask is meaningless",
+                                 fill=(255, 0, 0))
+    tmp_out = out.with_name(f".{out.name}.partial")
+    img.save(tmp_out, format="PNG")
+    os.replace(tmp_out, out)
+    print(f"overlay written to {out}" + (" (labelled: random weights)" if random_weights else ""))
+    return result

@@ -1,0 +1,275 @@
+"""A PyTorch SegFace reference with the release checkpoints' exact state_dict keys.
+
+Assembled from torchvision's encoders (``weights=None``) and the segment-anything package's
+TwoWayTransformer, LayerNorm2d, PositionEmbeddingRandom and MLP, plus glue that reproduces
+upstream's module names. It serves the parity tests and ``segface-jax parity``: build it,
+randomise it (``randomize``), save it in the release format (``save_release``), convert it
+with the converter under test and compare the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import nn
+
+from segface_jax.align import STANDARD_FACE_POINTS, WARP_FACTOR
+from segface_jax.variants import Variant
+
+# torchvision builder and the widths of the four tapped features
+_BACKBONES = {
+    "swin_b": (torchvision.models.swin_b, (128, 256, 512, 1024)),
+    "convnext_base": (torchvision.models.convnext_base, (128, 256, 512, 1024)),
+}
+
+
+def small_swin() -> nn.Module:
+    """A tiny torchvision Swin (width 32, one block per stage) for fast unit tests."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2, 2, 2],
+                           num_heads=[2, 2, 2, 2], window_size=[7, 7])
+
+
+def small_convnext() -> nn.Module:
+    """A tiny torchvision ConvNeXt (widths 32..256, one block per stage) for fast unit tests."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 1),
+                     CNBlockConfig(128, 256, 1), CNBlockConfig(256, None, 1)])
+
+
+class _Proj(nn.Module):
+    """Upstream's per-scale 'MLP': a Linear over flattened pixels, stored as ``proj``."""
+
+    def __init__(self, dim_in: int, dim: int = 256):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        y = self.proj(x.flatten(2).transpose(1, 2))
+        return y.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class _FaceDecoder(nn.Module):
+    """Class tokens named ``<class>_token``, SAM's transformer, upscaling and one shared MLP."""
+
+    def __init__(self, class_names: Sequence[str], dim: int = 256):
+        super().__init__()
+        self.class_names = tuple(class_names)
+        self.transformer = TwoWayTransformer(depth=2, embedding_dim=dim, num_heads=8, mlp_dim=2048)
+        for name in self.class_names:
+            setattr(self, f"{name}_token", nn.Embedding(1, dim))
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2), LayerNorm2d(dim // 4),
+            nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2), nn.GELU())
+        self.output_hypernetwork_mlps = MLP(dim, dim, dim // 8, 3)
+
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([getattr(self, f"{n}_token").weight for n in self.class_names])
+        tokens = tokens.unsqueeze(0).expand(image.shape[0], -1, -1)
+        b, c, h, w = image.shape
+        hs, src = self.transformer(image, image_pe.expand(b, -1, -1, -1), tokens)
+        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = self.output_hypernetwork_mlps(hs)
+        b, c, h, w = up.shape
+        return (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+
+
+class SegFaceReference(nn.Module):
+    """SegFace in PyTorch; ``forward(x NCHW[, landmarks])`` -> NCHW logits at input size."""
+
+    def __init__(self, backbone: nn.Module, dims: Sequence[int], class_names: Sequence[str],
+                 align: bool = False, is_swin: bool = True):
+        super().__init__()
+        # torchvision classifier minus its head: Swin (features, norm, permute, avgpool, flatten),
+        # ConvNeXt (features, avgpool). Only features[1, 3, 5, 7] reach the output.
+        self.backbone = nn.Sequential(*list(backbone.children())[:-1])
+        self.is_swin = is_swin
+        self.align = align
+        self.linear_c = nn.ModuleList(_Proj(d) for d in dims)
+        self.linear_fuse = nn.Conv2d(4 * 256, 256, kernel_size=1, bias=False)
+        self.pe_layer = PositionEmbeddingRandom(128)
+        self.face_decoder = _FaceDecoder(class_names)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four NCHW maps that upstream's forward hooks collect."""
+        out = []
+        for i, layer in enumerate(self.backbone[0]):
+            x = layer(x)
+            if i in (1, 3, 5, 7):
+                out.append(x.permute(0, 3, 1, 2) if self.is_swin else x)
+        return out
+
+    def _positional_encoding(self, h: int, w: int) -> torch.Tensor:
+        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
+        if gaussian.dtype == torch.float32:
+            return self.pe_layer((h, w))  # segment-anything's own float32 path
+        # float64 runs (to measure float32 noise): the same pixel-centre grid in float64
+        yy, xx = torch.meshgrid((torch.arange(h).to(gaussian) + 0.5) / h,
+                                (torch.arange(w).to(gaussian) + 0.5) / w, indexing="ij")
+        return self.pe_layer._pe_encoding(torch.stack([xx, yy], -1)).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        if self.align:
+            matrix = face_align_matrix(landmarks, x.shape[-1])
+            x = F.grid_sample(x, warp_grid(matrix, x.shape[-2:], x.shape[-2:]),
+                              mode="bilinear", align_corners=False)
+        feats = self.features(x)
+        size = feats[0].shape[-2:]
+        maps = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+                for p, f in zip(self.linear_c, feats)]
+        fused = self.linear_fuse(torch.cat(maps[::-1], dim=1))
+        pe = self._positional_encoding(*fused.shape[-2:]).unsqueeze(0)
+        logits = self.face_decoder(fused, pe)
+        if self.align:
+            logits = F.grid_sample(logits, inverse_warp_grid(matrix, logits.shape[-2:],
+                                                             logits.shape[-2:]),
+                                   mode="bilinear", align_corners=False)
+        return logits
+
+
+def build_reference(variant: Variant, backbone: nn.Module | None = None) -> SegFaceReference:
+    """The PyTorch reference of a released variant (or with a given small torchvision encoder)."""
+    builder, dims = _BACKBONES[variant.backbone]
+    if backbone is None:
+        backbone = builder(weights=None)
+    else:
+        dims = _feature_dims(backbone)
+    return SegFaceReference(backbone, dims, variant.classes, align=variant.needs_landmarks,
+                            is_swin=variant.backbone.startswith("swin"))
+
+
+def _feature_dims(backbone: nn.Module) -> tuple[int, ...]:
+    dims = []
+    for i in (1, 3, 5, 7):
+        norms = [m for m in backbone.features[i].modules() if isinstance(m, nn.LayerNorm)]
+        dims.append(norms[-1].normalized_shape[0])
+    return tuple(dims)
+
+
+# --- alignment, written from the SegFace/facer description (tanh warp, factor 0.8) ----------
+
+def _similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    ms, md = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    s, d = src - ms, dst - md
+    den = (s * s).sum((1, 2))
+    a = (d * s).sum((1, 2)) / den
+    b = (d[..., 0] * s[..., 1] - d[..., 1] * s[..., 0]).sum(1) / den
+    tx = md[:, 0, 0] - a * ms[:, 0, 0] - b * ms[:, 0, 1]
+    ty = md[:, 0, 1] + b * ms[:, 0, 0] - a * ms[:, 0, 1]
+    z, o = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([a, b, tx, -b, a, ty, z, z, o], -1).reshape(-1, 3, 3)
+
+
+def face_align_matrix(landmarks: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Similarity taking (B, 5, 2) landmarks to the standard points scaled to (R - 1) / 2."""
+    target = (torch.from_numpy(STANDARD_FACE_POINTS).to(landmarks) + 1) * (resolution - 1) / 2
+    return _similarity(landmarks, target.expand_as(landmarks))
+
+
+def _pixels(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h).to(like), torch.arange(w).to(like), indexing="ij")
+    return torch.stack([xx, yy], -1).reshape(1, h * w, 2).expand(like.shape[0], -1, -1)
+
+
+def _project(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    homo = torch.cat([c, torch.ones_like(c[..., :1])], -1) @ m.transpose(1, 2)
+    return homo[..., :2] / homo[..., 2:]
+
+
+def warp_grid(matrix: torch.Tensor, warped_hw, orig_hw, f: float = WARP_FACTOR) -> torch.Tensor:
+    """grid_sample grid from the original image into the aligned tanh-warped crop."""
+    h, w = warped_hw
+    wh = torch.tensor([w, h]).to(matrix)
+    c = _pixels(h, w, matrix) / wh * 2 - 1
+    hi = torch.clamp((c - 1 + f) / f, -1 + 1e-3, 1 - 1e-3).arctanh() * f + 1 - f
+    lo = torch.clamp((c + 1 - f) / f, -1 + 1e-3, 1 - 1e-3).arctanh() * f - 1 + f
+    c = torch.where(c > 1 - f, hi, torch.where(c < -1 + f, lo, c))
+    orig = _project(torch.linalg.inv(matrix), (c + 1) / 2 * wh)
+    owh = torch.tensor([orig_hw[1], orig_hw[0]]).to(matrix)
+    return (orig / owh * 2 - 1).reshape(-1, h, w, 2)
+
+
+def inverse_warp_grid(matrix: torch.Tensor, warped_hw, orig_hw,
+                      f: float = WARP_FACTOR) -> torch.Tensor:
+    """grid_sample grid from the warped crop back onto the original image."""
+    h, w = warped_hw
+    wh = torch.tensor([w, h]).to(matrix)
+    c = _project(matrix, _pixels(*orig_hw, matrix)) / wh * 2 - 1
+    hi = torch.tanh((c - 1 + f) / f) * f + 1 - f
+    lo = torch.tanh((c + 1 - f) / f) * f - 1 + f
+    c = torch.where(c > 1 - f, hi, torch.where(c < -1 + f, lo, c))
+    return ((c + 1) / 2 * wh / wh * 2 - 1).reshape(-1, *orig_hw, 2)
+
+
+# --- randomisation and the release file format ---------------------------------------------
+
+_STRUCTURAL_BUFFERS = ("relative_position_index",)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter and buffer seeded random values that make every path matter.
+
+    Weights ~ N(0, 1/fan_in) (unit-variance outputs), biases 0.05 N, norm scales 1 + 0.1 N,
+    ConvNeXt layer scales 0.2 + 0.05 N (torchvision's 1e-6 would make blocks identities),
+    relative-position tables 0.5 N, class tokens and the positional matrix N(0, 1). Structural
+    index buffers keep their values. Raises if any tensor was left untouched.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+    touched: set[int] = set()
+    norm_types = (nn.LayerNorm, LayerNorm2d, nn.BatchNorm2d, nn.GroupNorm)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)) + list(
+                module.named_buffers(recurse=False)):
+            if name in _STRUCTURAL_BUFFERS or not p.is_floating_point():
+                touched.add(id(p))
+                continue
+            if isinstance(module, norm_types) and name == "weight":
+                p.copy_(1 + 0.1 * normal(p))
+            elif isinstance(module, nn.BatchNorm2d) and name == "running_var":
+                p.copy_(1 + 0.1 * normal(p).abs())
+            elif name == "layer_scale":
+                p.copy_(0.2 + 0.05 * normal(p))
+            elif name == "relative_position_bias_table":
+                p.copy_(0.5 * normal(p))
+            elif isinstance(module, nn.Embedding) or name == "positional_encoding_gaussian_matrix":
+                p.copy_(normal(p))
+            elif name == "weight" and isinstance(module, nn.ConvTranspose2d):
+                p.copy_(normal(p) / math.sqrt(p.shape[0]))
+            elif name == "weight" and p.ndim >= 2:
+                p.copy_(normal(p) / math.sqrt(p[0].numel()))
+            elif p.ndim == 1:
+                p.copy_(0.05 * normal(p))
+            else:
+                raise ValueError(f"randomize: no rule for {type(module).__name__}.{name}")
+            touched.add(id(p))
+    missing = [k for k, v in model.state_dict(keep_vars=True).items() if id(v) not in touched]
+    if missing:
+        raise ValueError(f"randomize left tensors untouched: {missing}")
+    return model
+
+
+def save_release(model: nn.Module, path: str | Path) -> Path:
+    """Save ``model`` exactly as the release files are laid out (``model_299.pt``)."""
+    path = Path(path)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-4, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[80, 200], gamma=0.1)
+    torch.save({"epoch": 299, "iteration": 0, "state_dict_backbone": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
+    return path

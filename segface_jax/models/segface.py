@@ -1,0 +1,77 @@
+"""The assembled SegFace model: encoder, fusion, positional encoding, face decoder, alignment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from segface_jax import align
+from segface_jax.models.convnext import ConvNeXt, ConvNeXtConfig
+from segface_jax.models.decoder import FaceDecoder, MultiScaleFusion, PositionEmbeddingRandom
+from segface_jax.models.layers import Dtype
+from segface_jax.models.swin import SwinConfig, SwinTransformer
+from segface_jax.variants import Variant
+
+# torchvision architecture name -> (encoder class, config preset)
+ENCODERS = {
+    "swin_b": (SwinTransformer, SwinConfig.base),
+    "swin_s": (SwinTransformer, SwinConfig.small),
+    "swin_t": (SwinTransformer, SwinConfig.tiny),
+    "convnext_base": (ConvNeXt, ConvNeXtConfig.base),
+    "convnext_small": (ConvNeXt, ConvNeXtConfig.small),
+    "convnext_tiny": (ConvNeXt, ConvNeXtConfig.tiny),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SegFaceConfig:
+    """What defines a SegFace network: its encoder, its classes and whether it aligns faces."""
+
+    backbone: str
+    class_names: tuple[str, ...]
+    align_faces: bool = False
+    encoder_config: object | None = None  # overrides the backbone preset (small test models)
+
+    @classmethod
+    def from_variant(cls, variant: Variant) -> SegFaceConfig:
+        """Config of a released variant."""
+        if variant.backbone not in ENCODERS:
+            raise NotImplementedError(
+                f"variant {variant.name!r} uses backbone {variant.backbone!r}, which segface-jax "
+                f"does not implement yet (available: {', '.join(sorted(ENCODERS))})")
+        return cls(variant.backbone, variant.classes, align_faces=variant.needs_landmarks)
+
+    def make_encoder_config(self):
+        """The encoder's config: the override or the backbone's preset."""
+        return self.encoder_config or ENCODERS[self.backbone][1]()
+
+
+class SegFace(nnx.Module):
+    """SegFace face parser: (B, R, R, 3) normalised RGB -> (B, R, R, classes) float32 logits."""
+
+    def __init__(self, cfg: SegFaceConfig, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        enc_cfg = cfg.make_encoder_config()
+        self.backbone = ENCODERS[cfg.backbone][0](enc_cfg, **kw)
+        self.fusion = MultiScaleFusion(enc_cfg.stage_dims, **kw)
+        self.pe_layer = PositionEmbeddingRandom(rngs=rngs)
+        self.face_decoder = FaceDecoder(cfg.class_names, **kw)
+
+    def __call__(self, images: jnp.ndarray, landmarks: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Logits for a batch; LaPa models warp with (B, 5, 2) pixel landmarks first."""
+        if self.cfg.align_faces:
+            if landmarks is None:
+                raise ValueError("this model aligns faces: pass landmarks of shape (N, 5, 2)")
+            images, matrix = align.align_faces(images.astype(jnp.float32), landmarks)
+        x = images.astype(self.dtype) if self.dtype else images
+        fused = self.fusion(self.backbone(x))
+        logits = self.face_decoder(fused, self.pe_layer(*fused.shape[1:3]))
+        logits = logits.astype(jnp.float32)
+        if self.cfg.align_faces:
+            logits = align.unalign_logits(logits, matrix, images.shape[1:3])
+        return logits

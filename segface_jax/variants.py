@@ -1,0 +1,119 @@
+"""The released SegFace variants, stated once and used everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+CELEBAMASK_HQ_CLASSES: tuple[str, ...] = (
+    "background", "neck", "face", "cloth", "rightear", "leftear", "rightbro", "leftbro",
+    "righteye", "lefteye", "nose", "innermouth", "lowerlip", "upperlip", "hair", "glass",
+    "hat", "earring", "necklace",
+)
+# LaPa and Helen share one token order, which differs from CelebAMask-HQ's.
+LAPA_CLASSES: tuple[str, ...] = (
+    "background", "face", "leftbro", "rightbro", "lefteye", "righteye", "nose",
+    "upperlip", "innermouth", "lowerlip", "hair",
+)
+HELEN_CLASSES: tuple[str, ...] = LAPA_CLASSES
+
+# One RGB colour per class name, so a class looks the same whatever the dataset.
+_COLOURS: dict[str, tuple[int, int, int]] = {
+    "background": (0, 0, 0),
+    "neck": (255, 153, 51),
+    "face": (204, 0, 0),
+    "cloth": (0, 204, 0),
+    "rightear": (102, 51, 0),
+    "leftear": (153, 76, 0),
+    "rightbro": (255, 204, 204),
+    "leftbro": (255, 153, 204),
+    "righteye": (51, 255, 255),
+    "lefteye": (0, 153, 255),
+    "nose": (76, 153, 0),
+    "innermouth": (102, 204, 0),
+    "lowerlip": (255, 255, 0),
+    "upperlip": (0, 0, 153),
+    "hair": (0, 0, 204),
+    "glass": (204, 0, 204),
+    "hat": (255, 51, 153),
+    "earring": (0, 204, 204),
+    "necklace": (0, 51, 0),
+}
+
+DATASETS = ("celebamask_hq", "lapa", "helen")
+BACKBONES = (
+    "swin_b", "swin_v2_b", "convnext_base", "mobilenet_v3_large", "efficientnet_v2_m", "resnet101",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One released checkpoint: which backbone, dataset and resolution it was trained for."""
+
+    name: str
+    backbone: str
+    dataset: str
+    resolution: int
+    mean_f1: float | None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in the decoder's token order."""
+        return {"celebamask_hq": CELEBAMASK_HQ_CLASSES, "lapa": LAPA_CLASSES,
+                "helen": HELEN_CLASSES}[self.dataset]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output channels of the logits."""
+        return len(self.classes)
+
+    @property
+    def palette(self) -> tuple[tuple[int, int, int], ...]:
+        """One RGB colour per class, in class order."""
+        return tuple(_COLOURS[c] for c in self.classes)
+
+    @property
+    def needs_landmarks(self) -> bool:
+        """True when the model aligns its input with 5 face landmarks (LaPa)."""
+        return self.dataset == "lapa"
+
+    @property
+    def hub_filename(self) -> str:
+        """Path of the release file in the Hugging Face repo."""
+        return f"{self.name}/model_299.pt"
+
+
+HUB_REPO = "kartiknarayan/SegFace"
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("convnext_celeba_512", "convnext_base", "celebamask_hq", 512, 89.22),
+    Variant("efficientnet_celeba_512", "efficientnet_v2_m", "celebamask_hq", 512, 88.94),
+    Variant("mobilenet_celeba_512", "mobilenet_v3_large", "celebamask_hq", 512, 87.91),
+    Variant("resnet_celeba_512", "resnet101", "celebamask_hq", 512, 87.50),
+    Variant("swinb_celeba_224", "swin_b", "celebamask_hq", 224, 87.47),
+    Variant("swinb_celeba_256", "swin_b", "celebamask_hq", 256, 87.66),
+    Variant("swinb_celeba_448", "swin_b", "celebamask_hq", 448, 88.77),
+    Variant("swinb_celeba_512", "swin_b", "celebamask_hq", 512, 88.96),
+    Variant("swinv2b_celeba_512", "swin_v2_b", "celebamask_hq", 512, 88.73),
+    Variant("swinb_lapa_224", "swin_b", "lapa", 224, 92.50),
+    Variant("swinb_lapa_256", "swin_b", "lapa", 256, 92.61),
+    Variant("swinb_lapa_448", "swin_b", "lapa", 448, 93.03),
+    Variant("swinb_lapa_512", "swin_b", "lapa", 512, 93.03),
+    Variant("swinb_helen_512", "swin_b", "helen", 512, None),
+)}
+
+# Backbones whose Flax encoder exists in this release; the others are listed but not yet runnable.
+SUPPORTED_BACKBONES = ("swin_b", "convnext_base")
+
+
+class UnknownVariantError(ValueError):
+    """Raised for a variant name that SegFace never released."""
+
+
+def get_variant(name: str) -> Variant:
+    """Look up a released variant by name, with a message listing the valid names."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise UnknownVariantError(
+            f"unknown variant {name!r}; released variants are: {', '.join(sorted(VARIANTS))}"
+        ) from None
