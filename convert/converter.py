@@ -8,15 +8,16 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from segface_jax.convert.rules import FAMILIES, Family
 
 from segface_jax.checkpoint import abstract_model, flat_state, save_checkpoint
+from segface_jax.convert.rules import FAMILIES, Family
 from segface_jax.models import SegFaceConfig
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
@@ -72,18 +73,24 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing here
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{path}: refused to load: the file holds Python objects that a safe "
-            f"(weights_only) load does not allow, so it may execute code ({first[:200]}). "
-            "Use the original model_299.pt from kartiknarayan/SegFace.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ConversionError(
-            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Download model_299.pt again."
-        ) from None
+        text = str(e)
+        detail = re.search(r"Trying to [^\n]*?(?:blocked|allowed)\.?|Unsupported [^\n]*", text)
+        detail = detail.group(0).strip() if detail else "rejected by the weights-only unpickler"
+        if "GLOBAL" in text or "Trying to" in text:  # the pickle names code to import or call
+            raise ConversionError(
+                f"{path}: refused to load: the file asks to import or call Python code, which a "
+                f"safe (weights_only) load never runs ({detail}). Use the original "
+                "model_299.pt from kartiknarayan/SegFace.") from None
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({detail}). "
+                              "Download model_299.pt again.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{first}). Download model_299.pt again.") from None
     state = obj.get("state_dict_backbone", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -129,21 +136,22 @@ def infer_variant(state: Mapping[str, Any], requested: str | None, path: Path) -
     """The released variant a state_dict belongs to, or an error naming the candidates."""
     backbone = detect_backbone(state)
     tokens = {m.group(1) for k in state if (m := _TOKEN.fullmatch(k))}
-    candidates = [v for v in VARIANTS.values()
-                  if v.backbone == backbone and set(v.classes) == tokens]
+    same_backbone = [v for v in VARIANTS.values() if v.backbone == backbone]
+    candidates = [v for v in same_backbone if set(v.classes) == tokens]
     found = f"{backbone} encoder with {len(tokens)} class tokens"
     if requested is not None:
         variant = get_variant(requested)
-        if variant not in candidates:
-            names = ", ".join(v.name for v in candidates) or "none of the released variants"
+        if variant.backbone != backbone:
+            names = ", ".join(v.name for v in same_backbone) or "none of the released variants"
             raise ConversionError(f"{path}: --variant {requested} expects a {variant.backbone} "
-                                  f"encoder with {variant.num_classes} classes, but the file has "
-                                  f"a {found}; it matches: {names}")
-        return variant
+                                  f"encoder, but the file has a {found}; it fits: {names}")
+        return variant  # class tokens are checked key by key by the strict mapping
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ConversionError(f"{path}: a {found} matches no released variant")
+        names = ", ".join(v.name for v in same_backbone)
+        raise ConversionError(f"{path}: a {found} matches no released variant's classes; pass "
+                              f"--variant ({names or 'none released'}) to list what differs")
     raise ConversionError(
         f"{path}: a {found} fits several variants (the resolution is not stored and LaPa and "
         f"Helen share shapes); pass --variant with one of: "

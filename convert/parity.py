@@ -95,10 +95,10 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
     import jax
     import torch
     from PIL import Image, ImageDraw
-    from segface_jax.convert import reference
-    from segface_jax.convert.converter import convert_checkpoint, load_state_dict
 
     import segface_jax
+    from segface_jax.convert import reference
+    from segface_jax.convert.converter import convert_checkpoint, load_state_dict
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False

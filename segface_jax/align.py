@@ -118,12 +118,15 @@ def grid_sample(image: jnp.ndarray, grid: jnp.ndarray) -> jnp.ndarray:
     x = ((grid[..., 0] + 1.0) * w - 1.0) / 2.0
     y = ((grid[..., 1] + 1.0) * h - 1.0) / 2.0
     x0, y0 = jnp.floor(x), jnp.floor(y)
+    x1, y1 = x0 + 1.0, y0 + 1.0
+    # weights formed as torch forms them, corners summed in its order (nw, ne, sw, se)
+    wx, wy = (x1 - x, x - x0), (y1 - y, y - y0)
     flat = image.reshape(b, h * w, c)
     out = jnp.zeros((b, ho * wo, c), image.dtype)
     for dy in (0, 1):
         for dx in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
-            weight = (1.0 - jnp.abs(x - xi)) * (1.0 - jnp.abs(y - yi))
+            xi, yi = (x0, x1)[dx], (y0, y1)[dy]
+            weight = wx[dx] * wy[dy]
             inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
             idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
             vals = jnp.take_along_axis(flat, idx.reshape(b, ho * wo, 1), axis=1)

@@ -38,7 +38,7 @@ def abstract_model(cfg: SegFaceConfig, dtype: Any = None) -> SegFace:
 def flat_state(module: nnx.Module) -> dict[str, Any]:
     """{'backbone.stages.0.blocks.1.attn.qkv.kernel': leaf, ...} for every variable of a module."""
     return {".".join(map(str, path)): var.get_value()
-            for path, var in nnx.state(module).flat_state()}
+            for path, var in nnx.to_flat_state(nnx.state(module))}
 
 
 def fill_module(module: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
@@ -47,7 +47,7 @@ def fill_module(module: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
     Keys are the dotted paths of ``flat_state``; missing keys or shape/dtype mismatches raise.
     """
     graphdef, state = nnx.split(module)
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         key = ".".join(map(str, path))
         if key not in arrays:
             raise CheckpointError(f"checkpoint lacks parameter {key}")

@@ -38,16 +38,19 @@ def patchify_conv(din: int, dout: int, patch: int, dtype: Dtype, param_dtype: Dt
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None) -> jnp.ndarray:
+def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None,
+                   impl: str | None = None) -> jnp.ndarray:
     """Stride-1 depthwise conv, symmetric padding: (B, H, W, C), (k, k, C) -> (B, H, W, C).
 
     XLA:CPU's grouped convolution is ~13x slower than torch's here (see PERF.md), while a sum
     of k*k shifted slices is fused into one fast loop, so CPU uses the slices and other backends
-    use ``lax.conv_general_dilated``. Both compute the same sum.
+    use ``lax.conv_general_dilated``; ``impl`` ("slices" or "lax") forces one. Both compute the
+    same sum.
     """
     k = kernel.shape[0]
     p = (k - 1) // 2
-    if jax.default_backend() == "cpu":
+    impl = impl or ("slices" if jax.default_backend() == "cpu" else "lax")
+    if impl == "slices":
         b, h, w, c = x.shape
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
         out = jnp.zeros_like(x)

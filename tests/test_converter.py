@@ -1,0 +1,197 @@
+"""The converter: exact mapping, one error listing every problem, safe loading, atomic output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import segface_jax
+from segface_jax.checkpoint import METADATA_FILE
+from segface_jax.cli import main
+from tests import release
+
+
+def _convert(capsys, *args) -> tuple[int, str]:
+    rc = main(["convert", *map(str, args)])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def _assert_nothing_written(out: Path):
+    assert not out.exists(), f"{out} was written"
+    assert not list(out.parent.glob(f".{out.name}.partial-*")), "a partial directory was left"
+
+
+def test_convert_writes_checkpoint_and_metadata(tmp_path, capsys):
+    src = release.release_file("swin_celeba")
+    out = tmp_path / "ckpt"
+    rc, text = _convert(capsys, src, out, "--variant", "swinb_celeba_224")
+    assert rc == 0, text
+    assert "skipped backbone.1.weight, backbone.1.bias: final Swin norm" in text
+    assert "24 index buffers checked" in text
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert meta["variant"] == "swinb_celeba_224" and meta["resolution"] == 224
+    assert meta["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert meta["classes"][:3] == ["background", "neck", "face"]
+    model = segface_jax.load(out)
+    assert model.variant.name == "swinb_celeba_224"
+
+
+def test_unambiguous_variant_is_inferred(tmp_path, capsys):
+    rc, text = _convert(capsys, release.release_file("convnext_celeba"), tmp_path / "c")
+    assert rc == 0, text
+    assert "variant convnext_celeba_512" in text
+
+
+@pytest.mark.parametrize("kind, candidates", [
+    ("swin_celeba", ["swinb_celeba_224", "swinb_celeba_256", "swinb_celeba_448",
+                     "swinb_celeba_512"]),
+    ("swin_lapa", ["swinb_lapa_224", "swinb_lapa_512", "swinb_helen_512"]),
+])
+def test_ambiguous_file_asks_for_variant(tmp_path, capsys, kind, candidates):
+    out = tmp_path / "c"
+    rc, text = _convert(capsys, release.release_file(kind), out)
+    assert rc == 2
+    assert "pass --variant" in text
+    for name in candidates:
+        assert name in text
+    _assert_nothing_written(out)
+
+
+def test_variant_that_does_not_fit_is_refused(tmp_path, capsys):
+    out = tmp_path / "c"
+    rc, text = _convert(capsys, release.release_file("convnext_celeba"), out,
+                        "--variant", "swinb_celeba_512")
+    assert rc == 2 and "expects a swin_b encoder" in text and "convnext_celeba_512" in text
+    _assert_nothing_written(out)
+
+
+def test_unknown_variant(tmp_path, capsys):
+    rc, text = _convert(capsys, release.release_file("convnext_celeba"), tmp_path / "c",
+                        "--variant", "swinb_celeba_999")
+    assert rc == 2 and "unknown variant 'swinb_celeba_999'" in text and "swinb_celeba_512" in text
+
+
+def test_one_error_lists_every_problem(tmp_path, capsys):
+    """A dropped key, an added key, a wrong shape and a tampered index, reported together."""
+    state = release.state_dict("swin_celeba")
+    del state["face_decoder.hair_token.weight"]
+    state["face_decoder.extra_head.weight"] = torch.zeros(3, 3)
+    state["linear_c.2.proj.weight"] = torch.zeros(256, 511)
+    idx = "backbone.0.3.1.attn.relative_position_index"
+    state[idx] = state[idx].flip(0)
+    src = release.save_state_dict(state, tmp_path / "broken.pt")
+    out = tmp_path / "c"
+    rc, text = _convert(capsys, src, out, "--variant", "swinb_celeba_512")
+    assert rc == 2
+    assert "unused checkpoint keys" in text and "face_decoder.extra_head.weight" in text
+    assert "not filled" in text and "face_decoder.hair_token" in text
+    assert "shape mismatches" in text and "linear_c.2.proj.weight (256, 511)" in text
+    assert idx in text
+    _assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("mutation", ["drop", "add", "shape"])
+def test_each_single_problem_is_refused(tmp_path, capsys, mutation):
+    state = release.state_dict("convnext_celeba")
+    key = "backbone.0.5.12.block.3.weight"
+    if mutation == "drop":
+        del state[key]
+    elif mutation == "add":
+        state["backbone.0.5.99.block.3.weight"] = state[key]
+    else:
+        state[key] = state[key][:, :-1]
+    src = release.save_state_dict(state, tmp_path / f"{mutation}.pt")
+    out = tmp_path / "c"
+    rc, text = _convert(capsys, src, out)
+    assert rc == 2
+    assert ("backbone.0.5.99" if mutation == "add" else "backbone.stages.2.blocks.12.fc1"
+            if mutation == "drop" else key) in text
+    assert "Traceback" not in text
+    _assert_nothing_written(out)
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    for name, payload in [("noise.pt", os.urandom(4096)), ("text.pt", b"hello\n")]:
+        src = tmp_path / name
+        src.write_bytes(payload)
+        out = tmp_path / f"out-{name}"
+        rc, text = _convert(capsys, src, out)
+        assert rc == 2 and f"{src}: not a readable PyTorch checkpoint" in text, text
+        _assert_nothing_written(out)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    rc, text = _convert(capsys, tmp_path / "list.pt", tmp_path / "o")
+    assert rc == 2 and "not a SegFace checkpoint" in text
+    rc, text = _convert(capsys, tmp_path / "missing.pt", tmp_path / "o")
+    assert rc == 2 and "no such file" in text
+
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused_without_running(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pt"
+    torch.save({"state_dict_backbone": {"x": torch.zeros(1)}, "payload": _Exploit(str(marker))},
+               src)
+    out = tmp_path / "c"
+    rc, text = _convert(capsys, src, out)
+    assert rc == 2 and "refused to load" in text
+    assert not marker.exists(), "the pickle's code ran"
+    _assert_nothing_written(out)
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, text = _convert(capsys, release.release_file("convnext_celeba"), out)
+    assert rc == 2 and "--overwrite" in text
+    assert (out / "keep.txt").read_text() == "mine"
+    rc, text = _convert(capsys, release.release_file("convnext_celeba"), out, "--overwrite")
+    assert rc == 0 and not (out / "keep.txt").exists() and (out / METADATA_FILE).exists()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the parameters are being written: no OUT_DIR, no partial directory."""
+    import orbax.checkpoint as ocp
+
+    def interrupted_save(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "half-written").write_bytes(b"\0" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted_save)
+    out = tmp_path / "c"
+    rc = main(["convert", str(release.release_file("convnext_celeba")), str(out)])
+    assert rc == 130 and "nothing was written" in capsys.readouterr().err
+    _assert_nothing_written(out)
+
+
+def test_killed_conversion_leaves_no_output(tmp_path):
+    """SIGKILL mid-conversion (no cleanup possible): OUT_DIR still never appears."""
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "segface_jax.cli", "convert",
+                             str(release.release_file("convnext_celeba")), str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".c.partial-*")):
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".c.partial-*")), "conversion never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()

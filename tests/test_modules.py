@@ -1,0 +1,239 @@
+"""Per-module parity with torchvision / segment-anything, so a failure names its culprit.
+
+Each torch module is randomised with ``reference.randomize`` (every parameter, norm scales and
+biases included) and copied into the JAX module with the converter's own rules. Tolerance:
+max |delta| / max |reference| <= 2e-6 unless stated. A single float32 module accumulates a few
+hundred roundings of ~6e-8 each; measured errors are 1e-7 to 6e-7, while the porting mistakes
+these tests guard against (transposed index, swapped H/W padding, mirrored kernel, tanh GELU,
+wrong epsilon, align_corners) move outputs by 1e-4 or more.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom as SamPE
+from segment_anything.modeling.transformer import Attention as SamAttention
+from segment_anything.modeling.transformer import TwoWayTransformer as SamTwoWay
+from torchvision.models.convnext import CNBlock
+from torchvision.models.swin_transformer import PatchMerging as TvPatchMerging
+from torchvision.models.swin_transformer import SwinTransformerBlock
+
+from segface_jax import align
+from segface_jax.convert import reference
+from segface_jax.convert.rules import CONVNEXT_RULES, DECODER_RULES, SWIN_RULES, conv_transpose
+from segface_jax.models import decoder, swin
+from segface_jax.models.convnext import ConvNeXtBlock
+from segface_jax.models.layers import depthwise_conv, resize_bilinear
+from tests.helpers import copy_from_torch, rel_error, to_nhwc
+
+TOL = 2e-6
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("hw, shift", [
+    ((14, 14), 0), ((14, 14), 3),   # exact windows
+    ((10, 17), 0), ((10, 17), 3),   # non-square, padded on both axes
+    ((5, 17), 3),                   # H fits one window: only the W shift survives (clipping)
+    ((7, 7), 3),                    # one window: shift clipped on both axes
+])
+def test_swin_block(hw, shift):
+    tm = reference.randomize(SwinTransformerBlock(32, 2, [7, 7], [shift, shift]), 1).eval()
+    jm = copy_from_torch(swin.SwinBlock(32, 2, 7, shift, 4.0, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
+                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    x = _rand(2, *hw, 32)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    assert rel_error(np.asarray(jm(x.numpy())), ref) <= TOL
+
+
+def test_swin_block_transposed_hw_is_detected():
+    """The non-square case really distinguishes H from W: swapping them changes the output."""
+    tm = reference.randomize(SwinTransformerBlock(32, 2, [7, 7], [3, 3]), 1).eval()
+    jm = copy_from_torch(swin.SwinBlock(32, 2, 7, 3, 4.0, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
+                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    x = _rand(1, 10, 17, 32)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    swapped = np.asarray(jm(x.numpy().transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    assert rel_error(swapped, ref) > 1e-3
+
+
+def test_relative_position_index_matches_torchvision():
+    tm = SwinTransformerBlock(32, 2, [7, 7], [0, 0])
+    np.testing.assert_array_equal(swin.relative_position_index(7),
+                                  tm.attn.relative_position_index.numpy())
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 10)])
+def test_patch_merging(hw):
+    tm = reference.randomize(TvPatchMerging(32), 2).eval()
+    jm = copy_from_torch(swin.PatchMerging(32, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
+                         "backbone.0.2.", "backbone.merges.0.")
+    x = _rand(2, *hw, 32)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    assert rel_error(np.asarray(jm(x.numpy())), ref) <= TOL
+
+
+@pytest.mark.parametrize("impl", ["slices", "lax"])
+def test_convnext_block(impl, monkeypatch):
+    tm = reference.randomize(CNBlock(32, 1e-6, 0.0), 3).eval()
+    jm = copy_from_torch(ConvNeXtBlock(32, 7, rngs=nnx.Rngs(0)), tm, CONVNEXT_RULES,
+                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    from segface_jax.models import convnext
+
+    monkeypatch.setattr(convnext, "depthwise_conv",
+                        lambda x, k, b: depthwise_conv(x, k, b, impl=impl))
+    x = _rand(2, 32, 11, 9)
+    with torch.no_grad():
+        ref = to_nhwc(tm(x))
+    assert rel_error(np.asarray(jm(to_nhwc(x))), ref) <= TOL
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_sam_attention(downsample):
+    tm = reference.randomize(SamAttention(64, 4, downsample), 4).eval()
+    jm = copy_from_torch(decoder.Attention(64, 4, downsample, rngs=nnx.Rngs(0)), tm,
+                         DECODER_RULES, "face_decoder.transformer.final_attn_token_to_image.",
+                         "face_decoder.transformer.final_attn_token_to_image.")
+    q, k, v = _rand(2, 5, 64, seed=1), _rand(2, 30, 64, seed=2), _rand(2, 30, 64, seed=3)
+    with torch.no_grad():
+        ref = tm(q, k, v).numpy()
+    assert rel_error(np.asarray(jm(q.numpy(), k.numpy(), v.numpy())), ref) <= TOL
+
+
+def test_two_way_transformer():
+    tm = reference.randomize(SamTwoWay(depth=2, embedding_dim=64, num_heads=4, mlp_dim=128), 5)
+    jm = copy_from_torch(decoder.TwoWayTransformer(2, 64, 4, 128, rngs=nnx.Rngs(0)), tm.eval(),
+                         DECODER_RULES, "face_decoder.transformer.", "face_decoder.transformer.")
+    img, pe, tok = _rand(2, 64, 6, 5, seed=1), _rand(1, 64, 6, 5, seed=2), _rand(2, 7, 64, seed=3)
+    with torch.no_grad():
+        q_ref, k_ref = tm(img, pe, tok)
+    flat = lambda t: t.flatten(2).transpose(1, 2).numpy()  # noqa: E731
+    q, k = jm(flat(img), flat(pe), tok.numpy())
+    assert rel_error(np.asarray(q), q_ref.numpy()) <= TOL
+    assert rel_error(np.asarray(k), k_ref.numpy()) <= TOL
+
+
+def test_conv_transpose_kernel_is_not_mirrored():
+    tm = reference.randomize(torch.nn.ConvTranspose2d(16, 8, 2, 2), 6)
+    x = _rand(2, 16, 5, 7)
+    with torch.no_grad():
+        ref = to_nhwc(tm(x))
+    kernel = conv_transpose(tm.weight.detach().numpy())
+    out = decoder.conv_transpose_2x2(to_nhwc(x), kernel, tm.bias.detach().numpy())
+    assert rel_error(np.asarray(out), ref) <= TOL
+    mirrored = decoder.conv_transpose_2x2(to_nhwc(x), kernel[::-1, ::-1], tm.bias.detach().numpy())
+    assert rel_error(np.asarray(mirrored), ref) > 1e-2
+
+
+def test_face_decoder_token_order_and_upscaling():
+    names = ("background", "face", "hair")
+    tm = reference.randomize(reference._FaceDecoder(names), 7).eval()
+    jm = copy_from_torch(decoder.FaceDecoder(names, rngs=nnx.Rngs(0)), tm, DECODER_RULES,
+                         "face_decoder.", "face_decoder.")
+    img, pe = _rand(2, 256, 4, 6, seed=1), _rand(1, 256, 4, 6, seed=2)
+    with torch.no_grad():
+        ref = to_nhwc(tm(img, pe))
+    out = jm(to_nhwc(img), to_nhwc(pe)[0])
+    assert out.shape == (2, 16, 24, 3)
+    assert rel_error(np.asarray(out), ref) <= TOL
+
+
+def test_positional_encoding_matches_sam():
+    tm = reference.randomize(SamPE(128), 8)
+    jm = decoder.PositionEmbeddingRandom(rngs=nnx.Rngs(0))
+    jm.positional_encoding_gaussian_matrix.set_value(
+        jnp.asarray(tm.positional_encoding_gaussian_matrix.numpy()))
+    ref = tm((6, 9)).permute(1, 2, 0).numpy()
+    # values are sin/cos in [-1, 1]: absolute 2e-6 (arguments reach ~100 rad in float32)
+    np.testing.assert_allclose(np.asarray(jm(6, 9)), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("src, dst", [((4, 6), (16, 24)), ((7, 7), (56, 56)), ((16, 16), (16, 16))])
+def test_bilinear_resize_matches_torch(src, dst):
+    x = _rand(2, 8, *src)
+    ref = to_nhwc(F.interpolate(x, size=dst, mode="bilinear", align_corners=False))
+    assert rel_error(np.asarray(resize_bilinear(to_nhwc(x), dst)), ref) <= TOL
+
+
+def test_grid_sample_matches_torch():
+    img = _rand(2, 3, 9, 13)
+    grid = torch.rand(2, 11, 7, 2, generator=torch.Generator().manual_seed(1)) * 2.6 - 1.3
+    ref = to_nhwc(F.grid_sample(img, grid, mode="bilinear", align_corners=False))
+    out = align.grid_sample(jnp.asarray(to_nhwc(img)), jnp.asarray(grid.numpy()))
+    # measured: 8.7e-7 relative (one of 462 values; torch's vectorised kernel rounds differently)
+    assert rel_error(np.asarray(out), ref) <= TOL
+
+
+def _landmarks(res: int) -> np.ndarray:
+    base = (align.STANDARD_FACE_POINTS + 1) * (res - 1) / 2
+    rs = np.random.RandomState(0)
+    return (base[None] * 0.8 + 30 + rs.randn(2, 5, 2) * 4).astype(np.float32)
+
+
+def test_similarity_matrix_matches_reference():
+    lm = _landmarks(512)
+    ref = reference.face_align_matrix(torch.from_numpy(lm).double(), 512).numpy()
+    out = np.asarray(align.face_align_matrix(jnp.asarray(lm), 512))
+    # float32 fit of points ~300 px from the origin: the translation loses ~1e-4 to
+    # cancellation (torch float32 itself is 5e-5 off the float64 value)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=3e-4)
+
+
+@pytest.mark.parametrize("which", ["warp", "inverse"])
+def test_warp_grids_match_float64_reference(which):
+    """The grids against the float64 reference, in pixels.
+
+    torch's own float32 grids are up to 1.3e-3 px off the float64 ones (arctanh near the
+    border multiplies rounding by ~100); ours must be no further (measured 1.0e-3 / 1.2e-4 px).
+    A wrong half-pixel convention or warp factor moves them by >= 0.05 px.
+    """
+    res = 128
+    lm = _landmarks(res)
+    jfn = align.warp_grid if which == "warp" else align.inverse_warp_grid
+    tfn = reference.warp_grid if which == "warp" else reference.inverse_warp_grid
+    m64 = reference.face_align_matrix(torch.from_numpy(lm).double(), res)
+    ref = tfn(m64, (res, res), (res, res)).numpy()
+    ours = np.asarray(jfn(align.face_align_matrix(jnp.asarray(lm), res), (res, res), (res, res)))
+    t32 = tfn(reference.face_align_matrix(torch.from_numpy(lm), res), (res, res), (res, res))
+    px = res / 2
+    torch_err = np.abs(t32.numpy() - ref).max() * px
+    our_err = np.abs(ours - ref).max() * px
+    assert our_err <= max(2 * torch_err, 1e-4), (our_err, torch_err)
+
+
+def test_align_and_unalign_match_torch_on_smooth_input():
+    """Warp a smooth image and map it back like the model does, against torch in float32."""
+    res = 96
+    yy, xx = np.meshgrid(np.linspace(-1, 1, res), np.linspace(-1, 1, res), indexing="ij")
+    img = np.stack([np.sin(3 * xx), np.cos(2 * yy), xx * yy], -1)[None].astype(np.float32)
+    img = np.repeat(img, 2, 0)
+    lm = _landmarks(res)
+    m = reference.face_align_matrix(torch.from_numpy(lm), res)
+    x = torch.from_numpy(img).permute(0, 3, 1, 2)
+    warped = F.grid_sample(x, reference.warp_grid(m, (res, res), (res, res)), align_corners=False)
+    back = F.grid_sample(warped, reference.inverse_warp_grid(m, (res, res), (res, res)),
+                         align_corners=False)
+    jw, jm = align.align_faces(jnp.asarray(img), jnp.asarray(lm))
+    jb = align.unalign_logits(jw, jm, (res, res))
+    # smooth input (|gradient| <= 0.1 / px): grid noise of ~1e-3 px moves values by ~1e-4
+    np.testing.assert_allclose(np.asarray(jw), to_nhwc(warped), rtol=0, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(jb), to_nhwc(back), rtol=0, atol=2e-4)
+
+
+def test_depthwise_impls_agree():
+    x = jax.random.normal(jax.random.key(0), (1, 20, 24, 16))
+    k = jax.random.normal(jax.random.key(1), (7, 7, 16))
+    a = depthwise_conv(x, k, None, impl="slices")
+    b = depthwise_conv(x, k, None, impl="lax")
+    assert rel_error(np.asarray(a), np.asarray(b)) <= TOL
