@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from segface_jax import preprocess
+from segface_jax.models import SegFaceConfig
 from segface_jax.variants import HUB_REPO, Variant
 
 # scikit-image's ``astronaut`` (512 x 512): a square crop around the face and its 5 landmarks
@@ -103,7 +104,17 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    SegFaceConfig.from_variant(variant)  # an unimplemented backbone fails before any download
     r = variant.resolution
+    if image:  # read first: a bad image fails before any heavy work
+        rgb = preprocess.resize_rgb(preprocess.read_rgb(image), r)
+        x, lm = preprocess.normalize(rgb)[None], default_landmarks(r)
+        source = image
+        if variant.needs_landmarks:
+            print("no landmarks for --image: treating it as an aligned, centred face crop")
+    else:
+        rgb, x, lm = sample_face(r)
+        source = "scikit-image astronaut"
     with tempfile.TemporaryDirectory(prefix="segface-parity-") as tmp:
         path = Path(weights) if weights else fetch_release(variant)
         random_weights = path is None
@@ -115,13 +126,6 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
         ref = reference.build_reference(variant)
         ref.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(path).items()})
         ref.eval()
-    if image:
-        rgb = preprocess.resize_rgb(preprocess.read_rgb(image), r)
-        x, lm = preprocess.normalize(rgb)[None], default_landmarks(r)
-        source = image
-    else:
-        rgb, x, lm = sample_face(r)
-        source = "scikit-image astronaut"
     lm = lm if variant.needs_landmarks else None
     jax_logits = np.asarray(model(x, landmarks=lm))
     result = compare(jax_logits, run_torch(ref, x, lm))

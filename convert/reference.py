@@ -120,23 +120,29 @@ class SegFaceReference(nn.Module):
                                 (torch.arange(w).to(gaussian) + 0.5) / w, indexing="ij")
         return self.pe_layer._pe_encoding(torch.stack([xx, yy], -1)).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
-        if self.align:
-            matrix = face_align_matrix(landmarks, x.shape[-1])
-            x = F.grid_sample(x, warp_grid(matrix, x.shape[-2:], x.shape[-2:]),
-                              mode="bilinear", align_corners=False)
+    def parse(self, x: torch.Tensor) -> torch.Tensor:
+        """The network without alignment: NCHW image -> NCHW logits."""
         feats = self.features(x)
         size = feats[0].shape[-2:]
         maps = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
-                for p, f in zip(self.linear_c, feats)]
+                for p, f in zip(self.linear_c, feats, strict=True)]
         fused = self.linear_fuse(torch.cat(maps[::-1], dim=1))
         pe = self._positional_encoding(*fused.shape[-2:]).unsqueeze(0)
-        logits = self.face_decoder(fused, pe)
-        if self.align:
-            logits = F.grid_sample(logits, inverse_warp_grid(matrix, logits.shape[-2:],
-                                                             logits.shape[-2:]),
-                                   mode="bilinear", align_corners=False)
-        return logits
+        return self.face_decoder(fused, pe)
+
+    def align_input(self, x: torch.Tensor, landmarks: torch.Tensor):
+        """LaPa: warp the image to the aligned crop; returns it and the alignment matrix."""
+        matrix = face_align_matrix(landmarks, x.shape[-1])
+        grid = warp_grid(matrix, x.shape[-2:], x.shape[-2:])
+        return F.grid_sample(x, grid, mode="bilinear", align_corners=False), matrix
+
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.align:  # Helen's forward ignores landmarks, as upstream's does
+            return self.parse(x)
+        warped, matrix = self.align_input(x, landmarks)
+        logits = self.parse(warped)
+        grid = inverse_warp_grid(matrix, logits.shape[-2:], x.shape[-2:])
+        return F.grid_sample(logits, grid, mode="bilinear", align_corners=False)
 
 
 def build_reference(variant: Variant, backbone: nn.Module | None = None) -> SegFaceReference:

@@ -62,16 +62,18 @@ class SegFace(nnx.Module):
         self.pe_layer = PositionEmbeddingRandom(rngs=rngs)
         self.face_decoder = FaceDecoder(cfg.class_names, **kw)
 
-    def __call__(self, images: jnp.ndarray, landmarks: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Logits for a batch; LaPa models warp with (B, 5, 2) pixel landmarks first."""
-        if self.cfg.align_faces:
-            if landmarks is None:
-                raise ValueError("this model aligns faces: pass landmarks of shape (N, 5, 2)")
-            images, matrix = align.align_faces(images.astype(jnp.float32), landmarks)
+    def parse(self, images: jnp.ndarray) -> jnp.ndarray:
+        """The network without alignment: (B, R, R, 3) -> (B, R, R, classes) float32 logits."""
         x = images.astype(self.dtype) if self.dtype else images
         fused = self.fusion(self.backbone(x))
         logits = self.face_decoder(fused, self.pe_layer(*fused.shape[1:3]))
-        logits = logits.astype(jnp.float32)
-        if self.cfg.align_faces:
-            logits = align.unalign_logits(logits, matrix, images.shape[1:3])
-        return logits
+        return logits.astype(jnp.float32)
+
+    def __call__(self, images: jnp.ndarray, landmarks: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Logits for a batch; LaPa models warp with (B, 5, 2) pixel landmarks around ``parse``."""
+        if not self.cfg.align_faces:
+            return self.parse(images)
+        if landmarks is None:
+            raise ValueError("this model aligns faces: pass landmarks of shape (N, 5, 2)")
+        warped, matrix = align.align_faces(images.astype(jnp.float32), landmarks)
+        return align.unalign_logits(self.parse(warped), matrix, images.shape[1:3])

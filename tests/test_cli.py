@@ -1,0 +1,64 @@
+"""``segface-jax parity`` end to end, offline, on the bundled astronaut and on a user image."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from PIL import Image
+
+from segface_jax.cli import main
+from segface_jax.convert.parity import sample_face
+from tests import release
+
+
+def _figures(text: str) -> tuple[float, float]:
+    m = re.search(r"relative = ([0-9.e+-]+), argmax agreement = ([0-9.]+)%", text)
+    assert m, text
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "overlay.png"
+    assert main(["parity", "--variant", "swinb_celeba_224", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    hub_lines = [line for line in text.splitlines() if "hub unreachable" in line]
+    assert len(hub_lines) == 1 and "RANDOM weights" in hub_lines[0]
+    rel, agree = _figures(text)
+    assert rel <= 2e-5 and agree >= 99.99  # the parity bar of tests/test_parity_native.py
+    assert "labelled: random weights" in text
+    overlay = np.asarray(Image.open(out))
+    assert overlay.shape == (224, 448, 3)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_parity_with_release_file_and_user_image(tmp_path, capsys):
+    rgb, _, _ = sample_face(300)
+    image = tmp_path / "face.png"
+    Image.fromarray(rgb).convert("L").save(image)  # grayscale input is converted to RGB
+    out = tmp_path / "o.png"
+    rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
+               str(release.release_file("convnext_celeba")), "--image", str(image),
+               "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "hub unreachable" not in text and "random weights" not in text
+    rel, agree = _figures(text)
+    assert rel <= 2e-5 and agree >= 99.99
+    assert Image.open(out).size == (1024, 512)
+
+
+def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["parity", "--variant", "swinb_celeba_224", "--image", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not a readable image" in err and "Traceback" not in err
+    assert main(["parity", "--variant", "resnet_celeba_1024"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+
+
+def test_unimplemented_backbone_says_so(tmp_path, capsys):
+    assert main(["parity", "--variant", "mobilenet_celeba_512"]) == 2
+    assert "not implement" in capsys.readouterr().err
