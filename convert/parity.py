@@ -70,16 +70,38 @@ def run_torch(model, images_nhwc: np.ndarray, landmarks: np.ndarray | None) -> n
         return model(x, lm).permute(0, 2, 3, 1).numpy()
 
 
-def fetch_release(variant: Variant) -> Path | None:
-    """The release file from the hub (cached by huggingface_hub), or None when unreachable."""
-    try:
-        from huggingface_hub import hf_hub_download
+def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the hub's endpoint (HF_ENDPOINT honoured) accepts a connection, and why not."""
+    import socket
+    from urllib.parse import urlparse
 
-        return Path(hf_hub_download(HUB_REPO, variant.hub_filename))
-    except Exception as e:  # offline, DNS failure, HTTP error: all mean "no release file"
-        print(f"Hugging Face hub unreachable ({type(e).__name__}); using a seeded "
-              "release-format checkpoint with RANDOM weights instead")
-        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True, ""
+    except OSError as e:
+        return False, f"{url.hostname}: {e.strerror or type(e).__name__}"
+
+
+def fetch_release(variant: Variant) -> Path | None:
+    """The release file from the local hub cache or the hub, or None when neither has it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, local_files_only=True))
+    except Exception:  # not cached yet
+        pass
+    reachable, why = _hub_reachable()
+    if reachable:
+        try:
+            return Path(hf_hub_download(HUB_REPO, variant.hub_filename))
+        except Exception as e:  # HTTP error, interrupted transfer, ...
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    print(f"Hugging Face hub unreachable ({why}); using a seeded release-format checkpoint "
+          "with RANDOM weights instead")
+    return None
 
 
 def seeded_release(variant: Variant, directory: str | os.PathLike, seed: int = 0) -> Path:

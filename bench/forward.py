@@ -1,0 +1,170 @@
+"""Forward-pass benchmark: JAX (jit) vs PyTorch eager on the same weights and input.
+
+    python bench/forward.py                      # CPU table of issue 2 (batch 1)
+    python bench/forward.py --batch 1 8 --variants swinb_celeba_224
+
+Each (framework, variant, batch) runs in a fresh subprocess so peak memory is its own: peak
+resident memory (ru_maxrss) on CPU, peak device memory on GPU. Latency is the median of
+``--runs`` calls after compilation/warm-up; the JAX process never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_VARIANTS = ["swinb_celeba_512", "swinb_celeba_224", "convnext_celeba_512"]
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss survives exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _input(resolution: int, batch: int):
+    import numpy as np
+
+    from segface_jax.convert.parity import sample_face
+
+    _, x, lm = sample_face(resolution)
+    return np.repeat(x, batch, 0), np.repeat(lm, batch, 0)
+
+
+def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
+    """Load the converted checkpoint, compile, time the forward."""
+    import jax
+
+    import segface_jax
+
+    model = segface_jax.load(ckpt)
+    x, lm = _input(model.resolution, batch)
+    lm = lm if model.variant.needs_landmarks else None
+    x = jax.device_put(x)
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    model(x, landmarks=lm).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(x, landmarks=lm).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    peak = stats["peak_bytes_in_use"] / 2**20 if stats else _rss_mb()
+    return {"ms": 1000 * statistics.median(times), "compile_s": compile_s - statistics.median(times),
+            "peak_mb": peak, "base_mb": base, "device": str(dev.device_kind)}
+
+
+def worker_torch(release: str, variant: str, batch: int, runs: int, device: str) -> dict:
+    """Build the reference, load the same weights, time eager float32 inference."""
+    import torch
+
+    from segface_jax.convert import reference
+    from segface_jax.convert.converter import load_state_dict
+    from segface_jax.variants import get_variant
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    v = get_variant(variant)
+    model = reference.build_reference(v)
+    model.load_state_dict({k: torch.from_numpy(a) for k, a in load_state_dict(release).items()})
+    model = model.eval().to(device)
+    x, lm = _input(v.resolution, batch)
+    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
+    lm = torch.from_numpy(lm).to(device) if v.needs_landmarks else None
+    base = _rss_mb()
+    times = []
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        model(x, lm)
+        sync()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x, lm)
+            sync()
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb()
+    return {"ms": 1000 * statistics.median(times), "peak_mb": peak, "base_mb": base,
+            "threads": torch.get_num_threads(), "device": device}
+
+
+def _run_worker(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Prepare weights once, run every measurement in its own process, print a table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        kind, *rest = a.worker
+        if kind == "jax":
+            out = worker_jax(rest[0], int(rest[1]), int(rest[2]))
+        else:
+            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
+        print(json.dumps(out))
+        return
+
+    from segface_jax.convert.converter import convert_checkpoint
+    from segface_jax.convert.parity import seeded_release
+    from segface_jax.variants import get_variant
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segface-bench-") as tmp:
+        for name in a.variants:
+            v = get_variant(name)
+            release = seeded_release(v, tmp)
+            ckpt = Path(tmp) / f"{name}-orbax"
+            convert_checkpoint(release, ckpt, name)
+            for b in a.batch:
+                j = _run_worker(["--worker", "jax", str(ckpt), str(b), str(a.runs)])
+                t = _run_worker(["--worker", "torch", str(release), name, str(b), str(a.runs),
+                                 a.torch_device])
+                rows.append((name, b, j, t))
+                print(f"done {name} batch {b}: jax {j['ms']:.0f} ms, torch {t['ms']:.0f} ms",
+                      file=sys.stderr, flush=True)
+            release.unlink()
+    mem = "peak device MiB" if a.torch_device == "cuda" else "peak RSS MiB"
+    print(f"\nJAX device: {rows[0][2]['device']}; torch: {rows[0][3]['device']}, "
+          f"{rows[0][3]['threads']} threads; median of {a.runs} runs\n")
+    print(f"| variant | batch | JAX ms | torch ms | torch/JAX | JAX compile s | JAX {mem} "
+          f"| torch {mem} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, b, j, t in rows:
+        print(f"| {name} | {b} | {j['ms']:.1f} | {t['ms']:.1f} | {t['ms'] / j['ms']:.2f} | "
+              f"{j['compile_s']:.1f} | {j['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
