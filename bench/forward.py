@@ -68,8 +68,9 @@ def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     peak = stats["peak_bytes_in_use"] / 2**20 if stats else _rss_mb()
-    return {"ms": 1000 * statistics.median(times), "compile_s": compile_s - statistics.median(times),
-            "peak_mb": peak, "base_mb": base, "device": str(dev.device_kind)}
+    median = statistics.median(times)
+    return {"ms": 1000 * median, "compile_s": compile_s - median, "peak_mb": peak,
+            "base_mb": base, "device": str(dev.device_kind)}
 
 
 def worker_torch(release: str, variant: str, batch: int, runs: int, device: str) -> dict:

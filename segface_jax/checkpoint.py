@@ -209,6 +209,7 @@ def load(path: str | os.PathLike, dtype: Any = None) -> LoadedModel:
 
     ``dtype`` sets the compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
+    dtype = jnp.dtype(dtype) if dtype is not None else None
     meta = read_metadata(path)
     try:
         variant = get_variant(meta["variant"])
