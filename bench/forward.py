@@ -46,9 +46,12 @@ def _input(resolution: int, batch: int):
     return np.repeat(x, batch, 0), np.repeat(lm, batch, 0)
 
 
-def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
+def worker_jax(ckpt: str, batch: int, runs: int, precision: str) -> dict:
     """Load the converted checkpoint, compile, time the forward."""
     import jax
+
+    jax.config.update("jax_default_matmul_precision",
+                      "highest" if precision == "highest" else "tensorfloat32")
 
     import segface_jax
 
@@ -73,7 +76,8 @@ def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
             "base_mb": base, "device": str(dev.device_kind)}
 
 
-def worker_torch(release: str, variant: str, batch: int, runs: int, device: str) -> dict:
+def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
+                 precision: str) -> dict:
     """Build the reference, load the same weights, time eager float32 inference."""
     import torch
 
@@ -81,8 +85,8 @@ def worker_torch(release: str, variant: str, batch: int, runs: int, device: str)
     from segface_jax.convert.converter import load_state_dict
     from segface_jax.variants import get_variant
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
     v = get_variant(variant)
     model = reference.build_reference(v)
     model.load_state_dict({k: torch.from_numpy(a) for k, a in load_state_dict(release).items()})
@@ -124,14 +128,16 @@ def main() -> None:
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="highest", choices=["highest", "tf32"],
+                   help="float32 matmul/conv mode for both frameworks on GPU (CPU is always full)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "jax":
-            out = worker_jax(rest[0], int(rest[1]), int(rest[2]))
+            out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
         else:
-            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
+            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4], rest[5])
         print(json.dumps(out))
         return
 
@@ -149,16 +155,17 @@ def main() -> None:
             ckpt = Path(tmp) / f"{name}-orbax"
             convert_checkpoint(release, ckpt, name)
             for b in a.batch:
-                j = _run_worker(["--worker", "jax", str(ckpt), str(b), str(a.runs)])
+                j = _run_worker(["--worker", "jax", str(ckpt), str(b), str(a.runs), a.precision])
                 t = _run_worker(["--worker", "torch", str(release), name, str(b), str(a.runs),
-                                 a.torch_device])
+                                 a.torch_device, a.precision])
                 rows.append((name, b, j, t))
                 print(f"done {name} batch {b}: jax {j['ms']:.0f} ms, torch {t['ms']:.0f} ms",
                       file=sys.stderr, flush=True)
             release.unlink()
     mem = "peak device MiB" if a.torch_device == "cuda" else "peak RSS MiB"
     print(f"\nJAX device: {rows[0][2]['device']}; torch: {rows[0][3]['device']}, "
-          f"{rows[0][3]['threads']} threads; median of {a.runs} runs\n")
+          f"{rows[0][3]['threads']} threads; median of {a.runs} runs; "
+          f"float32 matmul precision {a.precision}\n")
     print(f"| variant | batch | JAX ms | torch ms | torch/JAX | JAX compile s | JAX {mem} "
           f"| torch {mem} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (its image has JAX, Flax, Orbax, torch, torchvision):
+# installs this repo and segment-anything (carried as a wheel in .gpu/) without dependencies,
+# then prints the GPU forward table and a GPU parity check into $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps .gpu/segment_anything-*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
+HF_HUB_OFFLINE=1 segface-jax parity --variant swinb_celeba_512 --out "$OUT/parity_gpu.png" > "$OUT/parity_gpu.txt" 2>&1 || true
+python3 bench/forward.py --torch-device cuda --batch 1 8 --runs 20 \
+  --variants swinb_celeba_512 swinb_celeba_224 convnext_celeba_512 > "$OUT/bench_gpu.txt" 2>&1
