@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segface_jax.checkpoint import abstract_model, flat_state, save_checkpoint
-from segface_jax.convert.rules import FAMILIES, Family
+from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES, Family
 from segface_jax.models import SegFaceConfig
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
@@ -160,11 +160,10 @@ def infer_variant(state: Mapping[str, Any], requested: str | None, path: Path) -
 
 def family_of(backbone: str) -> Family:
     """The rule family for a torchvision backbone, or a clear error for unimplemented ones."""
-    for prefix, name in (("swin_v2", None), ("swin", "swin"), ("convnext", "convnext")):
-        if backbone.startswith(prefix) and name:
-            return FAMILIES[name]
-    raise ConversionError(f"backbone {backbone} is not implemented in segface-jax yet "
-                          f"(implemented: {', '.join(sorted(FAMILIES))})")
+    if backbone not in BACKBONE_FAMILY:
+        raise ConversionError(f"backbone {backbone} is not implemented in segface-jax yet "
+                              f"(implemented: {', '.join(sorted(BACKBONE_FAMILY))})")
+    return FAMILIES[BACKBONE_FAMILY[backbone]]
 
 
 def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
@@ -191,9 +190,9 @@ def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
                 bad_buffers.append(f"{key} ({c.reason}: stored values differ)")
             checked.append(key)
             continue
-        rule = next((r for r in family.rules if r.apply(key) is not None), None)
-        target = rule.apply(key) if rule else None
-        if target is None or target not in expected:
+        rule, target = next(((r, t) for r in family.rules if (t := r.apply(key)) is not None),
+                            (None, None))
+        if rule is None or target not in expected:
             unused.append(key if target is None else f"{key} (-> {target}, not in the model)")
             continue
         seen_targets.add(target)

@@ -90,25 +90,22 @@ def _dense(prefix: str, target: str, transform: Transform = linear) -> list[Rule
 
 
 # backbone.0.<i>: odd i are stages (i - 1) // 2, even i >= 2 are the downsampling between them.
-def _stage(m: re.Match, rest: str) -> str:
-    return f"backbone.stages.{(int(m['i']) - 1) // 2}.blocks.{m['j']}.{m.expand(rest)}"
-
-
-def _between(m: re.Match, rest: str) -> str:
-    return f"backbone.{{}}.{int(m['i']) // 2 - 1}.{m.expand(rest)}"
-
-
 _ODD = r"backbone\.0\.(?P<i>[1357])\.(?P<j>\d+)\."
 _EVEN = r"backbone\.0\.(?P<i>[246])\."
 
 
 def _stage_rules(pairs: list[tuple[str, str, Transform]]) -> list[Rule]:
-    return [Rule(_ODD + pat, lambda m, t=tgt: _stage(m, t), tf) for pat, tgt, tf in pairs]
+    def target(m: re.Match, rest: str) -> str:
+        return f"backbone.stages.{(int(m['i']) - 1) // 2}.blocks.{m['j']}.{m.expand(rest)}"
+
+    return [Rule(_ODD + pat, lambda m, t=tgt: target(m, t), tf) for pat, tgt, tf in pairs]
 
 
 def _between_rules(name: str, pairs: list[tuple[str, str, Transform]]) -> list[Rule]:
-    return [Rule(_EVEN + pat, lambda m, t=tgt: _between(m, t).format(name), tf)
-            for pat, tgt, tf in pairs]
+    def target(m: re.Match, rest: str) -> str:
+        return f"backbone.{name}.{int(m['i']) // 2 - 1}.{m.expand(rest)}"
+
+    return [Rule(_EVEN + pat, lambda m, t=tgt: target(m, t), tf) for pat, tgt, tf in pairs]
 
 
 SWIN_RULES: list[Rule] = [
@@ -195,6 +192,12 @@ class Family:
     checks: list[Check]
     ignored: dict[str, str]
 
+
+# torchvision architecture -> rule family; the other released backbones are not ported yet.
+BACKBONE_FAMILY = {
+    "swin_b": "swin", "swin_s": "swin", "swin_t": "swin",
+    "convnext_base": "convnext", "convnext_small": "convnext", "convnext_tiny": "convnext",
+}
 
 FAMILIES: dict[str, Family] = {
     "swin": Family("swin", SWIN_RULES + DECODER_RULES, SWIN_CHECKS, {

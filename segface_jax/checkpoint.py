@@ -44,7 +44,8 @@ def flat_state(module: nnx.Module) -> dict[str, Any]:
 def fill_module(module: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
     """A concrete module with every variable of ``module`` (abstract or not) taken from ``arrays``.
 
-    Keys are the dotted paths of ``flat_state``; missing keys or shape/dtype mismatches raise.
+    Keys are the dotted paths of ``flat_state``; a missing key or a shape mismatch raises.
+    Values are cast to each variable's dtype.
     """
     graphdef, state = nnx.split(module)
     for path, var in nnx.to_flat_state(state):

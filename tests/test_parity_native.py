@@ -71,6 +71,12 @@ def _report(name: str, what: str, result) -> None:
           f"max |ref| {result.ref_max_abs:.2f}), argmax {100 * result.argmax_agreement:.4f}%")
 
 
+def _assert_bar(name: str, what: str, result) -> None:
+    _report(name, what, result)
+    assert result.relative <= REL_BAR
+    assert result.argmax_agreement >= ARGMAX_BAR
+
+
 @pytest.mark.parametrize("name", [
     "swinb_celeba_224", "swinb_celeba_256", "swinb_celeba_448", "swinb_celeba_512",
     "convnext_celeba_512", "swinb_helen_512",
@@ -79,10 +85,7 @@ def test_native_parity(name):
     model = _loaded(name)
     x, _ = _inputs(model.resolution)
     ref = run_torch(release.reference_model(release.KIND_OF_VARIANT[name]), x, None)
-    result = compare(np.asarray(model(x)), ref)
-    _report(name, "vs torch float32", result)
-    assert result.relative <= REL_BAR
-    assert result.argmax_agreement >= ARGMAX_BAR
+    _assert_bar(name, "vs torch float32", compare(np.asarray(model(x)), ref))
 
 
 @pytest.mark.parametrize("name", ["swinb_lapa_448", "swinb_lapa_512"])
@@ -97,10 +100,7 @@ def test_lapa_network_parity_on_shared_aligned_input(name):
         ref = ref_model.parse(warped).permute(0, 2, 3, 1).numpy()
     warped_nhwc = warped.permute(0, 2, 3, 1).numpy()
     ours = np.asarray(nnx.jit(lambda m, a: m.parse(a))(model.module, warped_nhwc))
-    result = compare(ours, ref)
-    _report(name, "network on shared aligned input", result)
-    assert result.relative <= REL_BAR
-    assert result.argmax_agreement >= ARGMAX_BAR
+    _assert_bar(name, "network on shared aligned input", compare(ours, ref))
 
 
 @pytest.mark.parametrize("name", ["swinb_lapa_448", "swinb_lapa_512"])
