@@ -231,13 +231,15 @@ def convert_state_dict(state: Mapping[str, np.ndarray], variant: Variant,
 
 
 def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike,
-                       variant: str | None = None, overwrite: bool = False) -> ConversionReport:
+                       variant: str | None = None, overwrite: bool = False,
+                       state: Mapping[str, np.ndarray] | None = None) -> ConversionReport:
     """Convert ``src`` (a release ``.pt``) into an Orbax checkpoint directory at ``out_dir``.
 
     Nothing is written unless every key maps exactly; the directory appears atomically.
+    ``state`` is ``load_state_dict(src)`` when the caller has already read it.
     """
     src = Path(src)
-    state = load_state_dict(src)
+    state = load_state_dict(src) if state is None else state
     v = infer_variant(state, variant, src)
     params, checked, skipped = convert_state_dict(state, v)
     report = ConversionReport(v, src, sha256_file(src), mapped=len(params),

@@ -142,11 +142,12 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
         random_weights = path is None
         if random_weights:
             path = seeded_release(variant, tmp)
-        report = convert_checkpoint(path, Path(tmp) / "orbax", variant.name)
+        state = load_state_dict(path)
+        report = convert_checkpoint(path, Path(tmp) / "orbax", variant.name, state=state)
         print(report.summary())
         model = segface_jax.load(Path(tmp) / "orbax")
         ref = reference.build_reference(variant)
-        ref.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(path).items()})
+        ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         ref.eval()
     lm = lm if variant.needs_landmarks else None
     jax_logits = np.asarray(model(x, landmarks=lm))
