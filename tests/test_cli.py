@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segface_jax.cli import main
@@ -18,14 +19,21 @@ def _figures(text: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
-def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("variant", ["swinb_celeba_224", "swinb_lapa_224"])
+def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypatch, variant):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "overlay.png"
-    assert main(["parity", "--variant", "swinb_celeba_224", "--out", str(out)]) == 0
+    assert main(["parity", "--variant", variant, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     hub_lines = [line for line in text.splitlines() if "hub unreachable" in line]
     assert len(hub_lines) == 1 and "RANDOM weights" in hub_lines[0]
     rel, agree = _figures(text)
+    if variant == "swinb_lapa_224":
+        # whole model: 2e-5 + 2 x torch's own float32-vs-float64 noise on LaPa (9.9e-5 at most,
+        # measured in test_parity_native.py); measured here 8.3e-5
+        assert rel <= 2e-5 + 2 * 9.9e-5 and agree >= 99.99
+        net = re.search(r"network alone on the same aligned input: relative = ([0-9.e+-]+)", text)
+        rel = float(net.group(1))
     assert rel <= 2e-5 and agree >= 99.99  # the parity bar of tests/test_parity_native.py
     assert "labelled: random weights" in text
     overlay = np.asarray(Image.open(out))

@@ -35,12 +35,10 @@ import functools
 
 import numpy as np
 import pytest
-import torch
-from flax import nnx
 
 import segface_jax
 from segface_jax.convert.converter import convert_checkpoint
-from segface_jax.convert.parity import compare, run_torch, sample_face
+from segface_jax.convert.parity import compare, network_parity, run_torch, sample_face
 from tests import release
 
 pytestmark = pytest.mark.slow
@@ -92,15 +90,9 @@ def test_native_parity(name):
 def test_lapa_network_parity_on_shared_aligned_input(name):
     """The LaPa network at the 2e-5 bar: both models parse the same (torch-warped) input."""
     model = _loaded(name)
-    ref_model = release.reference_model("swin_lapa")
     x, lm = _inputs(model.resolution)
-    with torch.no_grad():
-        warped, _ = ref_model.align_input(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                                          torch.from_numpy(lm))
-        ref = ref_model.parse(warped).permute(0, 2, 3, 1).numpy()
-    warped_nhwc = warped.permute(0, 2, 3, 1).numpy()
-    ours = np.asarray(nnx.jit(lambda m, a: m.parse(a))(model.module, warped_nhwc))
-    _assert_bar(name, "network on shared aligned input", compare(ours, ref))
+    result = network_parity(model, release.reference_model("swin_lapa"), x, lm)
+    _assert_bar(name, "network on shared aligned input", result)
 
 
 @pytest.mark.parametrize("name", ["swinb_lapa_448", "swinb_lapa_512"])
