@@ -59,7 +59,6 @@ def worker_jax(ckpt: str, batch: int, runs: int, precision: str) -> dict:
     x, lm = _input(model.resolution, batch)
     lm = lm if model.variant.needs_landmarks else None
     x = jax.device_put(x)
-    base = _rss_mb()
     t0 = time.perf_counter()
     model(x, landmarks=lm).block_until_ready()
     compile_s = time.perf_counter() - t0
@@ -73,7 +72,7 @@ def worker_jax(ckpt: str, batch: int, runs: int, precision: str) -> dict:
     peak = stats["peak_bytes_in_use"] / 2**20 if stats else _rss_mb()
     median = statistics.median(times)
     return {"ms": 1000 * median, "compile_s": compile_s - median, "peak_mb": peak,
-            "base_mb": base, "device": str(dev.device_kind)}
+            "device": str(dev.device_kind)}
 
 
 def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
@@ -94,7 +93,6 @@ def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
     x, lm = _input(v.resolution, batch)
     x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
     lm = torch.from_numpy(lm).to(device) if v.needs_landmarks else None
-    base = _rss_mb()
     times = []
 
     def sync():
@@ -110,7 +108,7 @@ def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
             sync()
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb()
-    return {"ms": 1000 * statistics.median(times), "peak_mb": peak, "base_mb": base,
+    return {"ms": 1000 * statistics.median(times), "peak_mb": peak,
             "threads": torch.get_num_threads(), "device": device}
 
 

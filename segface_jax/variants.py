@@ -39,12 +39,6 @@ _COLOURS: dict[str, tuple[int, int, int]] = {
     "necklace": (0, 51, 0),
 }
 
-DATASETS = ("celebamask_hq", "lapa", "helen")
-BACKBONES = (
-    "swin_b", "swin_v2_b", "convnext_base", "mobilenet_v3_large", "efficientnet_v2_m", "resnet101",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One released checkpoint: which backbone, dataset and resolution it was trained for."""
@@ -100,10 +94,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("swinb_lapa_512", "swin_b", "lapa", 512, 93.03),
     Variant("swinb_helen_512", "swin_b", "helen", 512, None),
 )}
-
-# Backbones whose Flax encoder exists in this release; the others are listed but not yet runnable.
-SUPPORTED_BACKBONES = ("swin_b", "convnext_base")
-
 
 class UnknownVariantError(ValueError):
     """Raised for a variant name that SegFace never released."""

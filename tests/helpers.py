@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 from flax import nnx
@@ -42,7 +40,3 @@ def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref|."""
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
-
-def strip(pattern: str) -> str:
-    """Escape a literal key prefix for use in a rule pattern."""
-    return re.escape(pattern)
