@@ -114,7 +114,8 @@ def detect_backbone(state: Mapping[str, Any]) -> str:
         return len({m.group(1) for k in state if (m := pat.match(k))})
 
     if any(".cpb_mlp." in k for k in state):
-        return "swin_v2_b" if state["backbone.0.0.0.weight"].shape[0] == 128 else "swin_v2_s/t"
+        width = state["backbone.0.0.0.weight"].shape[0]
+        return "swin_v2_b" if width == 128 else ("swin_v2_s" if blocks(5) == 18 else "swin_v2_t")
     if has("backbone.0.1.0.attn.relative_position_bias_table"):
         width = state["backbone.0.0.0.weight"].shape[0]
         return "swin_b" if width == 128 else ("swin_s" if blocks(5) == 18 else "swin_t")
@@ -123,6 +124,10 @@ def detect_backbone(state: Mapping[str, Any]) -> str:
         return "convnext_base" if width == 128 else (
             "convnext_small" if blocks(5) == 27 else "convnext_tiny")
     if has("backbone.4.0.conv1.weight"):
+        n = len({k.split(".")[2] for k in state if k.startswith("backbone.6.")})
+        if n != 23:
+            raise ConversionError(f"a ResNet with {n} blocks in layer3 (ResNet-101 has 23) "
+                                  "matches no released variant")
         return "resnet101"
     if has("backbone.0.0.weight") and has("backbone.16.0.weight"):
         return "mobilenet_v3_large"
@@ -186,7 +191,7 @@ def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
         check = next(((c, m) for c in family.checks if (m := re.fullmatch(c.pattern, key))), None)
         if check is not None:
             c, m = check
-            if not np.array_equal(np.asarray(tensor), c.expected(m, tensor)):
+            if not c.matches(tensor, m):
                 bad_buffers.append(f"{key} ({c.reason}: stored values differ)")
             checked.append(key)
             continue

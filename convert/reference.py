@@ -25,10 +25,20 @@ from torch import nn
 from segface_jax.align import STANDARD_FACE_POINTS, WARP_FACTOR
 from segface_jax.variants import Variant
 
-# torchvision builder and the widths of the four tapped features
+# torchvision builder, upstream's backbone module, the tapped indices and their widths.
+# Swin/SwinV2/ConvNeXt and ResNet keep the classifier minus its head (Sequential of children),
+# MobileNetV3 and EfficientNetV2 keep ``.features``.
 _BACKBONES = {
-    "swin_b": (torchvision.models.swin_b, (128, 256, 512, 1024)),
-    "convnext_base": (torchvision.models.convnext_base, (128, 256, 512, 1024)),
+    "swin_b": (torchvision.models.swin_b, "children", (1, 3, 5, 7), (128, 256, 512, 1024)),
+    "swin_v2_b": (torchvision.models.swin_v2_b, "children", (1, 3, 5, 7), (128, 256, 512, 1024)),
+    "convnext_base": (torchvision.models.convnext_base, "children", (1, 3, 5, 7),
+                      (128, 256, 512, 1024)),
+    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, "features", (3, 6, 12, 16),
+                           (24, 40, 112, 960)),
+    "efficientnet_v2_m": (torchvision.models.efficientnet_v2_m, "features", (2, 3, 5, 8),
+                          (48, 80, 176, 1280)),
+    "resnet101": (torchvision.models.resnet101, "children", (4, 5, 6, 7),
+                  (256, 512, 1024, 2048)),
 }
 
 
@@ -89,13 +99,14 @@ class _FaceDecoder(nn.Module):
 class SegFaceReference(nn.Module):
     """SegFace in PyTorch; ``forward(x NCHW[, landmarks])`` -> NCHW logits at input size."""
 
-    def __init__(self, backbone: nn.Module, dims: Sequence[int], class_names: Sequence[str],
-                 align: bool = False, is_swin: bool = True):
+    def __init__(self, backbone: nn.Module, taps: Sequence[int], dims: Sequence[int],
+                 class_names: Sequence[str], align: bool = False, nhwc_features: bool = False,
+                 taps_in_first: bool = False):
         super().__init__()
-        # torchvision classifier minus its head: Swin (features, norm, permute, avgpool, flatten),
-        # ConvNeXt (features, avgpool). Only features[1, 3, 5, 7] reach the output.
-        self.backbone = nn.Sequential(*list(backbone.children())[:-1])
-        self.is_swin = is_swin
+        self.backbone = backbone
+        self.taps = tuple(taps)
+        self.taps_in_first = taps_in_first  # Swin/ConvNeXt: taps index backbone[0] (features)
+        self.nhwc_features = nhwc_features  # Swin stages are NHWC and get permuted
         self.align = align
         self.linear_c = nn.ModuleList(_Proj(d) for d in dims)
         self.linear_fuse = nn.Conv2d(4 * 256, 256, kernel_size=1, bias=False)
@@ -104,11 +115,16 @@ class SegFaceReference(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four NCHW maps that upstream's forward hooks collect."""
+        # Swin/ConvNeXt: the taps are inside features (backbone[0]); the Swin final norm,
+        # ConvNeXt's pooling etc. never reach the output, so they are not run.
+        seq = self.backbone[0] if self.taps_in_first else self.backbone
         out = []
-        for i, layer in enumerate(self.backbone[0]):
+        for i, layer in enumerate(seq):
             x = layer(x)
-            if i in (1, 3, 5, 7):
-                out.append(x.permute(0, 3, 1, 2) if self.is_swin else x)
+            if i in self.taps:
+                out.append(x.permute(0, 3, 1, 2) if self.nhwc_features else x)
+            if i == max(self.taps):
+                break
         return out
 
     def _positional_encoding(self, h: int, w: int) -> torch.Tensor:
@@ -145,21 +161,25 @@ class SegFaceReference(nn.Module):
         return F.grid_sample(logits, grid, mode="bilinear", align_corners=False)
 
 
-def build_reference(variant: Variant, backbone: nn.Module | None = None) -> SegFaceReference:
-    """The PyTorch reference of a released variant (or with a given small torchvision encoder)."""
-    builder, dims = _BACKBONES[variant.backbone]
-    if backbone is None:
-        backbone = builder(weights=None)
-    else:
-        dims = _feature_dims(backbone)
-    return SegFaceReference(backbone, dims, variant.classes, align=variant.needs_landmarks,
-                            is_swin=variant.backbone.startswith("swin"))
+def build_reference(variant: Variant, encoder: nn.Module | None = None) -> SegFaceReference:
+    """The PyTorch reference of a released variant (optionally with a small torchvision encoder
+    of the same family, for fast tests)."""
+    builder, kind, taps, dims = _BACKBONES[variant.backbone]
+    model = builder(weights=None) if encoder is None else encoder
+    backbone = (model.features if kind == "features"
+                else nn.Sequential(*list(model.children())[:-1]))
+    if encoder is not None:
+        dims = _feature_dims(backbone[0])
+    return SegFaceReference(backbone, taps, dims, variant.classes, align=variant.needs_landmarks,
+                            nhwc_features=variant.backbone.startswith("swin"),
+                            taps_in_first=variant.backbone.startswith(("swin", "convnext")))
 
 
-def _feature_dims(backbone: nn.Module) -> tuple[int, ...]:
+def _feature_dims(features: nn.Module) -> tuple[int, ...]:
+    # widths of the small Swin/ConvNeXt stages: their last LayerNorm's size
     dims = []
     for i in (1, 3, 5, 7):
-        norms = [m for m in backbone.features[i].modules() if isinstance(m, nn.LayerNorm)]
+        norms = [m for m in features[i].modules() if isinstance(m, nn.LayerNorm)]
         dims.append(norms[-1].normalized_shape[0])
     return tuple(dims)
 
@@ -221,7 +241,7 @@ def inverse_warp_grid(matrix: torch.Tensor, warped_hw, orig_hw,
 
 # --- randomisation and the release file format ---------------------------------------------
 
-_STRUCTURAL_BUFFERS = ("relative_position_index",)
+_STRUCTURAL_BUFFERS = ("relative_position_index", "relative_coords_table")
 
 
 @torch.no_grad()
@@ -254,6 +274,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(0.2 + 0.05 * normal(p))
             elif name == "relative_position_bias_table":
                 p.copy_(0.5 * normal(p))
+            elif name == "logit_scale":  # log(10) +- 1.5: some heads exceed the log(100) clamp
+                p.copy_(math.log(10.0) + 1.5 * normal(p))
             elif isinstance(module, nn.Embedding) or name == "positional_encoding_gaussian_matrix":
                 p.copy_(normal(p))
             elif name == "weight" and isinstance(module, nn.ConvTranspose2d):

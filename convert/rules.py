@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segface_jax.models.swin import relative_position_index
+from segface_jax.models.swin import relative_coords_table, relative_position_index
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -71,11 +71,25 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A stored buffer that is recomputed from static shapes: its values must equal ``expected``."""
+    """A stored buffer that is recomputed from static shapes: its values must equal ``expected``.
+
+    ``rtol`` 0 means bit-equal; float tables allow a few ulps of libm differences.
+    """
 
     pattern: str
     expected: Callable[[re.Match, np.ndarray], np.ndarray]
     reason: str
+    rtol: float = 0.0
+
+    def matches(self, stored: np.ndarray, m: re.Match) -> bool:
+        """Whether the stored buffer equals the recomputed one."""
+        want = self.expected(m, stored)
+        stored = np.asarray(stored).reshape(want.shape) if stored.size == want.size else stored
+        if stored.shape != want.shape:
+            return False
+        if self.rtol == 0:
+            return bool(np.array_equal(stored, want))
+        return bool(np.allclose(stored, want, rtol=self.rtol, atol=self.rtol))
 
 
 def _norm(prefix: str, target: str) -> list[Rule]:
@@ -108,31 +122,56 @@ def _between_rules(name: str, pairs: list[tuple[str, str, Transform]]) -> list[R
     return [Rule(_EVEN + pat, lambda m, t=tgt: target(m, t), tf) for pat, tgt, tf in pairs]
 
 
-SWIN_RULES: list[Rule] = [
-    *_dense(r"backbone\.0\.0\.0", "backbone.patch_embed.conv", conv),
-    *_norm(r"backbone\.0\.0\.2", "backbone.patch_embed.norm"),
-    *_stage_rules([
-        (r"norm(\d)\.weight", r"norm\3.scale", identity),
-        (r"norm(\d)\.bias", r"norm\3.bias", identity),
-        (r"attn\.(qkv|proj)\.weight", r"attn.\3.kernel", linear),
-        (r"attn\.(qkv|proj)\.bias", r"attn.\3.bias", identity),
-        (r"attn\.relative_position_bias_table", "attn.relative_position_bias_table", identity),
-        (r"mlp\.0\.weight", "fc1.kernel", linear),
-        (r"mlp\.0\.bias", "fc1.bias", identity),
-        (r"mlp\.3\.weight", "fc2.kernel", linear),
-        (r"mlp\.3\.bias", "fc2.bias", identity),
-    ]),
-    *_between_rules("merges", [
-        (r"norm\.weight", "norm.scale", identity),
-        (r"norm\.bias", "norm.bias", identity),
-        (r"reduction\.weight", "reduction.kernel", linear),
-    ]),
-]
+def _swin_rules(version: int) -> list[Rule]:
+    if version == 1:
+        position = [(r"attn\.relative_position_bias_table", "attn.relative_position_bias_table",
+                     identity)]
+    else:
+        position = [
+            (r"attn\.cpb_mlp\.0\.weight", "attn.cpb_fc1.kernel", linear),
+            (r"attn\.cpb_mlp\.0\.bias", "attn.cpb_fc1.bias", identity),
+            (r"attn\.cpb_mlp\.2\.weight", "attn.cpb_fc2.kernel", linear),
+            (r"attn\.logit_scale", "attn.logit_scale", channel_vector),
+        ]
+    return [
+        *_dense(r"backbone\.0\.0\.0", "backbone.patch_embed.conv", conv),
+        *_norm(r"backbone\.0\.0\.2", "backbone.patch_embed.norm"),
+        *_stage_rules([
+            (r"norm(\d)\.weight", r"norm\3.scale", identity),
+            (r"norm(\d)\.bias", r"norm\3.bias", identity),
+            (r"attn\.(qkv|proj)\.weight", r"attn.\3.kernel", linear),
+            (r"attn\.(qkv|proj)\.bias", r"attn.\3.bias", identity),
+            *position,
+            (r"mlp\.0\.weight", "fc1.kernel", linear),
+            (r"mlp\.0\.bias", "fc1.bias", identity),
+            (r"mlp\.3\.weight", "fc2.kernel", linear),
+            (r"mlp\.3\.bias", "fc2.bias", identity),
+        ]),
+        *_between_rules("merges", [
+            (r"norm\.weight", "norm.scale", identity),
+            (r"norm\.bias", "norm.bias", identity),
+            (r"reduction\.weight", "reduction.kernel", linear),
+        ]),
+    ]
+
+
+def _window(stored: np.ndarray) -> int:
+    # relative_position_index has ws^4 entries
+    return round(np.sqrt(np.sqrt(stored.size)))
+
+
+SWIN_RULES: list[Rule] = _swin_rules(1)
+SWINV2_RULES: list[Rule] = _swin_rules(2)
 
 SWIN_CHECKS: list[Check] = [
     Check(_ODD + r"attn\.relative_position_index",
-          lambda m, stored: relative_position_index(round(np.sqrt(np.sqrt(stored.size)))),
+          lambda m, stored: relative_position_index(_window(stored)),
           "relative position index: recomputed from the window size"),
+]
+SWINV2_CHECKS: list[Check] = SWIN_CHECKS + [
+    Check(_ODD + r"attn\.relative_coords_table",
+          lambda m, stored: relative_coords_table((round(np.sqrt(stored.size // 2)) + 1) // 2),
+          "log-spaced coordinate table: recomputed from the window size", rtol=1e-6),
 ]
 
 CONVNEXT_RULES: list[Rule] = [
@@ -155,6 +194,49 @@ CONVNEXT_RULES: list[Rule] = [
         (r"1\.weight", "conv.kernel", conv),
         (r"1\.bias", "conv.bias", identity),
     ]),
+]
+
+def _bn(prefix: str, target: str) -> list[Rule]:
+    # torch BatchNorm2d -> our BatchNorm (scale, bias, running statistics)
+    return [Rule(prefix + r"\.weight", target + ".scale"),
+            Rule(prefix + r"\.bias", target + ".bias"),
+            Rule(prefix + r"\.running_mean", target + ".mean"),
+            Rule(prefix + r"\.running_var", target + ".var")]
+
+
+_BN_COUNTER = {r".+\.num_batches_tracked": "BatchNorm step counters: unused at inference, and "
+               "training uses a fixed momentum"}
+
+# MobileNetV3 / EfficientNetV2: our modules mirror torchvision's ``features`` indices.
+# <path> is e.g. "3." (a conv block), "4.block.1." (inside an inverted residual) or
+# "2.0.block.0." (inside an EfficientNet stage); Conv2dNormActivation holds conv 0 and BN 1.
+_F = r"backbone\.(?P<path>(?:\d+\.)+(?:block\.\d+\.)?)"
+FEATURES_RULES: list[Rule] = [
+    Rule(_F + r"0\.weight", r"backbone.features.\g<path>conv.kernel", conv),
+    *_bn(_F + "1", r"backbone.features.\g<path>bn"),
+    Rule(_F + r"fc([12])\.weight", r"backbone.features.\g<path>fc\2.kernel", conv),
+    Rule(_F + r"fc([12])\.bias", r"backbone.features.\g<path>fc\2.bias"),
+]
+
+# ResNet: backbone = Sequential(conv1, bn1, relu, maxpool, layer1..layer4, avgpool)
+_L = r"backbone\.(?P<i>[4-7])\.(?P<j>\d+)\."
+
+
+def _layer(rest: str) -> Callable[[re.Match], str]:
+    return lambda m: f"backbone.layers.{int(m['i']) - 4}.{m['j']}.{m.expand(rest)}"
+
+
+RESNET_RULES: list[Rule] = [
+    Rule(r"backbone\.0\.weight", "backbone.conv1.kernel", conv),
+    *_bn(r"backbone\.1", "backbone.bn1"),
+    Rule(_L + r"conv([123])\.weight", _layer(r"conv\3.kernel"), conv),
+    *[Rule(_L + rf"bn([123])\.{t}", _layer(rf"bn\3.{f}"))
+      for t, f in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
+                   ("running_var", "var"))],
+    Rule(_L + r"downsample\.0\.weight", _layer("downsample_conv.kernel"), conv),
+    *[Rule(_L + rf"downsample\.1\.{t}", _layer(f"downsample_bn.{f}"))
+      for t, f in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
+                   ("running_var", "var"))],
 ]
 
 _ATTN = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
@@ -193,15 +275,19 @@ class Family:
     ignored: dict[str, str]
 
 
-# torchvision architecture -> rule family; the other released backbones are not ported yet.
+# torchvision architecture -> rule family
 BACKBONE_FAMILY = {
     "swin_b": "swin", "swin_s": "swin", "swin_t": "swin",
+    "swin_v2_b": "swinv2", "swin_v2_s": "swinv2", "swin_v2_t": "swinv2",
     "convnext_base": "convnext", "convnext_small": "convnext", "convnext_tiny": "convnext",
+    "mobilenet_v3_large": "features", "efficientnet_v2_m": "features", "resnet101": "resnet",
 }
 
+_SWIN_NORM = {r"backbone\.1\.(weight|bias)": "final Swin norm: stored, never used by the output"}
 FAMILIES: dict[str, Family] = {
-    "swin": Family("swin", SWIN_RULES + DECODER_RULES, SWIN_CHECKS, {
-        r"backbone\.1\.(weight|bias)": "final Swin norm: stored, never used by the output",
-    }),
+    "swin": Family("swin", SWIN_RULES + DECODER_RULES, SWIN_CHECKS, _SWIN_NORM),
+    "swinv2": Family("swinv2", SWINV2_RULES + DECODER_RULES, SWINV2_CHECKS, _SWIN_NORM),
     "convnext": Family("convnext", CONVNEXT_RULES + DECODER_RULES, [], {}),
+    "features": Family("features", FEATURES_RULES + DECODER_RULES, [], _BN_COUNTER),
+    "resnet": Family("resnet", RESNET_RULES + DECODER_RULES, [], _BN_COUNTER),
 }

@@ -19,12 +19,20 @@ KINDS = {
     "swin_lapa": ("swinb_lapa_512", 1),
     "swin_helen": ("swinb_helen_512", 2),
     "convnext_celeba": ("convnext_celeba_512", 3),
+    "swinv2_celeba": ("swinv2b_celeba_512", 4),
+    "mobilenet_celeba": ("mobilenet_celeba_512", 5),
+    "efficientnet_celeba": ("efficientnet_celeba_512", 6),
+    "resnet_celeba": ("resnet_celeba_512", 7),
 }
 KIND_OF_VARIANT = {
     **{f"swinb_celeba_{r}": "swin_celeba" for r in (224, 256, 448, 512)},
     **{f"swinb_lapa_{r}": "swin_lapa" for r in (224, 256, 448, 512)},
     "swinb_helen_512": "swin_helen",
     "convnext_celeba_512": "convnext_celeba",
+    "swinv2b_celeba_512": "swinv2_celeba",
+    "mobilenet_celeba_512": "mobilenet_celeba",
+    "efficientnet_celeba_512": "efficientnet_celeba",
+    "resnet_celeba_512": "resnet_celeba",
 }
 
 _DIR = Path(tempfile.mkdtemp(prefix="segface-tests-"))

@@ -67,6 +67,12 @@ def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys):
     assert "unknown variant" in capsys.readouterr().err
 
 
-def test_unimplemented_backbone_says_so(tmp_path, capsys):
-    assert main(["parity", "--variant", "mobilenet_celeba_512"]) == 2
-    assert "not implement" in capsys.readouterr().err
+def test_unreleased_resnet_depth_is_refused(tmp_path, capsys):
+    """A ResNet that is not ResNet-101 (e.g. a ResNet-50 head) gets one clear message."""
+    import torch
+
+    state = {f"backbone.6.{j}.conv1.weight": torch.zeros(1) for j in range(6)}
+    state["backbone.4.0.conv1.weight"] = torch.zeros(1)
+    src = release.save_state_dict(state, tmp_path / "r50.pt")
+    assert main(["convert", str(src), str(tmp_path / "o")]) == 2
+    assert "ResNet with 6 blocks in layer3 (ResNet-101 has 23)" in capsys.readouterr().err

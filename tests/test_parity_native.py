@@ -77,7 +77,8 @@ def _assert_bar(name: str, what: str, result) -> None:
 
 @pytest.mark.parametrize("name", [
     "swinb_celeba_224", "swinb_celeba_256", "swinb_celeba_448", "swinb_celeba_512",
-    "convnext_celeba_512", "swinb_helen_512",
+    "convnext_celeba_512", "swinb_helen_512", "swinv2b_celeba_512", "mobilenet_celeba_512",
+    "efficientnet_celeba_512", "resnet_celeba_512",
 ])
 def test_native_parity(name):
     model = _loaded(name)
@@ -86,7 +87,10 @@ def test_native_parity(name):
     _assert_bar(name, "vs torch float32", compare(np.asarray(model(x)), ref))
 
 
-@pytest.mark.parametrize("name", ["swinb_lapa_448", "swinb_lapa_512"])
+LAPA = ["swinb_lapa_224", "swinb_lapa_256", "swinb_lapa_448", "swinb_lapa_512"]
+
+
+@pytest.mark.parametrize("name", LAPA)
 def test_lapa_network_parity_on_shared_aligned_input(name):
     """The LaPa network at the 2e-5 bar: both models parse the same (torch-warped) input."""
     model = _loaded(name)
@@ -95,7 +99,7 @@ def test_lapa_network_parity_on_shared_aligned_input(name):
     _assert_bar(name, "network on shared aligned input", result)
 
 
-@pytest.mark.parametrize("name", ["swinb_lapa_448", "swinb_lapa_512"])
+@pytest.mark.parametrize("name", LAPA)
 def test_lapa_full_model_parity_with_landmarks(name):
     model = _loaded(name)
     ref_model = release.reference_model("swin_lapa")

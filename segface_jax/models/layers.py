@@ -39,29 +39,125 @@ def patchify_conv(din: int, dout: int, patch: int, dtype: Dtype, param_dtype: Dt
 
 
 def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None,
-                   impl: str | None = None) -> jnp.ndarray:
-    """Stride-1 depthwise conv, symmetric padding: (B, H, W, C), (k, k, C) -> (B, H, W, C).
+                   impl: str | None = None, stride: int = 1) -> jnp.ndarray:
+    """Depthwise conv, symmetric padding (k-1)//2: (B, H, W, C), (k, k, C) -> (B, H/s, W/s, C).
 
     XLA:CPU's grouped convolution is ~13x slower than torch's here (see PERF.md), while a sum
-    of k*k shifted slices is fused into one fast loop, so CPU uses the slices and other backends
-    use ``lax.conv_general_dilated``; ``impl`` ("slices" or "lax") forces one. Both compute the
-    same sum.
+    of k*k shifted (strided) slices is fused into one fast loop, so CPU uses the slices and
+    other backends use ``lax.conv_general_dilated``; ``impl`` ("slices" or "lax") forces one.
+    Both compute the same sum.
     """
     k = kernel.shape[0]
     p = (k - 1) // 2
     impl = impl or ("slices" if jax.default_backend() == "cpu" else "lax")
     if impl == "slices":
         b, h, w, c = x.shape
+        ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        out = jnp.zeros_like(x)
+        out = jnp.zeros((b, ho, wo, c), x.dtype)
+        span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
         for i in range(k):
             for j in range(k):
-                out = out + xp[:, i:i + h, j:j + w, :] * kernel[i, j]
+                out = out + xp[:, i:i + span_h:stride, j:j + span_w:stride] * kernel[i, j]
     else:
         out = jax.lax.conv_general_dilated(
-            x, kernel[:, :, None, :], window_strides=(1, 1), padding=((p, p), (p, p)),
+            x, kernel[:, :, None, :], window_strides=(stride, stride), padding=((p, p), (p, p)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
     return out if bias is None else out + bias
+
+
+def hardsigmoid(x: jnp.ndarray) -> jnp.ndarray:
+    """torch ``hardsigmoid``: relu6(x + 3) / 6."""
+    return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def hardswish(x: jnp.ndarray) -> jnp.ndarray:
+    """torch ``hardswish``: x * relu6(x + 3) / 6."""
+    return x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+ACTIVATIONS = {"relu": jax.nn.relu, "hardswish": hardswish, "silu": jax.nn.silu, None: None}
+
+
+class BatchNorm(nnx.Module):
+    """torch ``BatchNorm2d`` over NHWC: running statistics in inference, torch's update in training.
+
+    ``momentum`` is torch's (weight of the new batch); the running variance is updated with
+    the unbiased batch variance, as torch does. ``train_mode`` switches to batch statistics.
+    """
+
+    def __init__(self, c: int, eps: float, momentum: float = 0.1, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.momentum = momentum
+        self.dtype = dtype
+        self.train_mode = False
+        self.scale = nnx.Param(jnp.ones((c,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.train_mode:
+            xf = x.astype(jnp.float32)
+            mean, var = xf.mean(axis=(0, 1, 2)), xf.var(axis=(0, 1, 2))
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean.set_value((1 - m) * self.mean[...] + m * mean)
+            self.var.set_value((1 - m) * self.var[...] + m * var * n / max(n - 1, 1))
+        else:
+            mean, var = self.mean[...], self.var[...]
+        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        dt = self.dtype or x.dtype
+        return ((x - mean.astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)).astype(dt)
+
+
+class ConvBNAct(nnx.Module):
+    """torchvision ``Conv2dNormActivation``: conv (no bias, pad (k-1)//2), BatchNorm, activation.
+
+    Depthwise convs (``groups == channels``) keep a (k, k, 1, C) kernel and run through
+    ``depthwise_conv``.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
+                 act: str | None = "relu", *, eps: float, momentum: float = 0.1,
+                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.stride = stride
+        self.depthwise = groups > 1
+        self.act = act
+        self.dtype = dtype
+        p = (k - 1) // 2
+        self.conv = nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                             feature_group_count=groups, use_bias=False, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+        self.bn = BatchNorm(cout, eps, momentum, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.depthwise:
+            dt = self.dtype or x.dtype
+            x = depthwise_conv(x.astype(dt), self.conv.kernel[...][:, :, 0, :].astype(dt), None,
+                               stride=self.stride)
+        else:
+            x = self.conv(x)
+        x = self.bn(x)
+        return x if self.act is None else ACTIVATIONS[self.act](x)
+
+
+class SqueezeExcitation(nnx.Module):
+    """torchvision ``SqueezeExcitation``: global mean, 1x1 fc1, activation, 1x1 fc2, gate, scale."""
+
+    def __init__(self, c: int, squeeze: int, act: str, gate: str, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.act = act
+        self.gate = gate
+        self.fc1 = nnx.Conv(c, squeeze, (1, 1), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Conv(squeeze, c, (1, 1), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = x.mean(axis=(1, 2), keepdims=True)
+        s = self.fc2(ACTIVATIONS[self.act](self.fc1(s)))
+        s = hardsigmoid(s) if self.gate == "hardsigmoid" else jax.nn.sigmoid(s)
+        return x * s
 
 
 def resize_bilinear(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:

@@ -10,7 +10,10 @@ from flax import nnx
 from segface_jax import align
 from segface_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from segface_jax.models.decoder import FaceDecoder, MultiScaleFusion, PositionEmbeddingRandom
+from segface_jax.models.efficientnet_v2 import EfficientNetV2, EfficientNetV2Config
 from segface_jax.models.layers import Dtype
+from segface_jax.models.mobilenet_v3 import MobileNetV3, MobileNetV3Config
+from segface_jax.models.resnet import ResNet, ResNetConfig
 from segface_jax.models.swin import SwinConfig, SwinTransformer
 from segface_jax.variants import Variant
 
@@ -19,9 +22,15 @@ ENCODERS = {
     "swin_b": (SwinTransformer, SwinConfig.base),
     "swin_s": (SwinTransformer, SwinConfig.small),
     "swin_t": (SwinTransformer, SwinConfig.tiny),
+    "swin_v2_b": (SwinTransformer, SwinConfig.v2_base),
+    "swin_v2_s": (SwinTransformer, SwinConfig.v2_small),
+    "swin_v2_t": (SwinTransformer, SwinConfig.v2_tiny),
     "convnext_base": (ConvNeXt, ConvNeXtConfig.base),
     "convnext_small": (ConvNeXt, ConvNeXtConfig.small),
     "convnext_tiny": (ConvNeXt, ConvNeXtConfig.tiny),
+    "mobilenet_v3_large": (MobileNetV3, MobileNetV3Config.large),
+    "efficientnet_v2_m": (EfficientNetV2, EfficientNetV2Config.m),
+    "resnet101": (ResNet, ResNetConfig.resnet101),
 }
 
 

@@ -1,4 +1,5 @@
-"""Swin Transformer (v1) encoder, numerically identical to torchvision's ``swin_b/s/t``.
+"""Swin Transformer v1 and v2 encoders, numerically identical to torchvision's ``swin_b/s/t``
+and ``swin_v2_b/s/t``.
 
 Returns the outputs of the four stages (torchvision ``features[1, 3, 5, 7]``), NHWC.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,27 @@ class SwinConfig:
     window_size: int = 7
     patch_size: int = 4
     mlp_ratio: float = 4.0
+    version: int = 1  # 2: cosine attention, continuous position bias, post-norm
 
     @classmethod
     def base(cls) -> SwinConfig:
         """torchvision ``swin_b``."""
         return cls()
+
+    @classmethod
+    def v2_base(cls) -> SwinConfig:
+        """torchvision ``swin_v2_b``."""
+        return cls(window_size=8, version=2)
+
+    @classmethod
+    def v2_small(cls) -> SwinConfig:
+        """torchvision ``swin_v2_s``."""
+        return dataclasses.replace(cls.small(), window_size=8, version=2)
+
+    @classmethod
+    def v2_tiny(cls) -> SwinConfig:
+        """torchvision ``swin_v2_t``."""
+        return dataclasses.replace(cls.tiny(), window_size=8, version=2)
 
     @classmethod
     def small(cls) -> SwinConfig:
@@ -56,6 +74,18 @@ def relative_position_index(ws: int) -> np.ndarray:
     coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
     rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
     return (rel[..., 0] * (2 * ws - 1) + rel[..., 1]).reshape(-1)
+
+
+@functools.cache
+def relative_coords_table(ws: int) -> np.ndarray:
+    """SwinV2's log-spaced relative coordinates: -> ((2ws-1)^2, 2) float32 (dy, dx).
+
+    x / (ws - 1) * 8, then sign(x) * log2(|x| + 1) / 3, computed in float64 and rounded once.
+    """
+    r = np.arange(-(ws - 1), ws, dtype=np.float64) / (ws - 1) * 8
+    r = np.sign(r) * np.log2(np.abs(r) + 1.0) / 3.0
+    dy, dx = np.meshgrid(r, r, indexing="ij")
+    return np.stack([dy, dx], axis=-1).reshape(-1, 2).astype(np.float32)
 
 
 @functools.cache
@@ -91,34 +121,62 @@ def window_merge(x: jnp.ndarray, ws: int, b: int, h: int, w: int) -> jnp.ndarray
 
 
 class WindowAttention(nnx.Module):
-    """Multi-head self-attention inside windows with a learned relative position bias."""
+    """Multi-head self-attention inside windows with a relative position bias.
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, *, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    v1: scaled dot product plus a learned ((2ws-1)^2, heads) bias table. v2: cosine similarity
+    times exp(min(logit_scale, log 100)), bias 16 * sigmoid(MLP(log-spaced coordinates)), and
+    the k part of the qkv bias zeroed at every call.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, version: int = 1, *,
+                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.window_size = window_size
+        self.version = version
         self.dtype = dtype
         self.qkv = linear(dim, 3 * dim, dtype, param_dtype, rngs)
         self.proj = linear(dim, dim, dtype, param_dtype, rngs)
-        n_rel = (2 * window_size - 1) ** 2
-        self.relative_position_bias_table = nnx.Param(
-            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (n_rel, num_heads),
-                                               param_dtype))
+        if version == 1:
+            n_rel = (2 * window_size - 1) ** 2
+            self.relative_position_bias_table = nnx.Param(
+                0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (n_rel, num_heads),
+                                                   param_dtype))
+        else:
+            self.logit_scale = nnx.Param(jnp.full((num_heads,), math.log(10.0), param_dtype))
+            self.cpb_fc1 = linear(2, 512, None, param_dtype, rngs)
+            self.cpb_fc2 = linear(512, num_heads, None, param_dtype, rngs, use_bias=False)
 
     def position_bias(self) -> jnp.ndarray:
-        """(heads, N, N) bias gathered from the table with the static index."""
+        """(heads, N, N) bias gathered with the static index."""
         n = self.window_size**2
-        table = self.relative_position_bias_table[...]
+        if self.version == 1:
+            table = self.relative_position_bias_table[...]
+        else:
+            coords = jnp.asarray(relative_coords_table(self.window_size))
+            table = self.cpb_fc2(jax.nn.relu(self.cpb_fc1(coords))).astype(jnp.float32)
         bias = table[relative_position_index(self.window_size)].reshape(n, n, self.num_heads)
-        return bias.transpose(2, 0, 1)
+        bias = bias.transpose(2, 0, 1)
+        return bias if self.version == 1 else 16.0 * jax.nn.sigmoid(bias)
 
     def __call__(self, x: jnp.ndarray, mask: np.ndarray | None) -> jnp.ndarray:
         # x: (B * nW, N, C); mask: (nW, N, N) or None.
         bw, n, c = x.shape
         hd = c // self.num_heads
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
-        attn = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+        if self.version == 1:
+            qkv = self.qkv(x)
+        else:  # torchvision zeroes the k bias at every forward
+            dt = self.dtype or x.dtype
+            bias = self.qkv.bias[...] * jnp.repeat(jnp.array([1.0, 0.0, 1.0]), c)
+            qkv = x @ self.qkv.kernel[...].astype(dt) + bias.astype(dt)
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
+        if self.version == 1:
+            q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
+            attn = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+        else:
+            q, k, v = _l2_normalize(qkv[0]), _l2_normalize(qkv[1]), qkv[2]
+            attn = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+            scale = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0)))
+            attn = attn * scale[:, None, None].astype(jnp.float32)
         attn = attn + self.position_bias().astype(jnp.float32)
         if mask is not None:
             nw = mask.shape[0]
@@ -129,15 +187,23 @@ class WindowAttention(nnx.Module):
         return self.proj(out)
 
 
+def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+    """torch ``F.normalize(x, dim=-1)``: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(x.astype(jnp.float32) ** 2, axis=-1, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
 class SwinBlock(nnx.Module):
     """Pre-norm Swin block: (shifted) window attention and an MLP, each with a residual."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float,
-                 *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 version: int = 1, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
         self.window_size = window_size
         self.shift = shift
+        self.post_norm = version == 2
         self.norm1 = layer_norm(dim, 1e-5, dtype, param_dtype, rngs)
-        self.attn = WindowAttention(dim, num_heads, window_size, dtype=dtype,
+        self.attn = WindowAttention(dim, num_heads, window_size, version, dtype=dtype,
                                     param_dtype=param_dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, 1e-5, dtype, param_dtype, rngs)
         hidden = int(dim * mlp_ratio)
@@ -164,6 +230,9 @@ class SwinBlock(nnx.Module):
         return x[:, :h, :w]
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.post_norm:  # v2: x + norm(f(x))
+            x = x + self.norm1(self._attention(x))
+            return x + self.norm2(self.fc2(gelu(self.fc1(x))))
         x = x + self._attention(self.norm1(x))
         return x + self.fc2(gelu(self.fc1(self.norm2(x))))
 
@@ -177,15 +246,19 @@ def merge_patches(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class PatchMerging(nnx.Module):
-    """Swin v1 downsampling: 2x2 neighbourhood concat, LayerNorm, then a linear 4C -> 2C."""
+    """2x2 neighbourhood concat and a linear 4C -> 2C; LayerNorm before (v1) or after (v2)."""
 
-    def __init__(self, dim: int, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs):
-        self.norm = layer_norm(4 * dim, 1e-5, dtype, param_dtype, rngs)
+    def __init__(self, dim: int, version: int = 1, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.version = version
+        norm_dim = 4 * dim if version == 1 else 2 * dim
+        self.norm = layer_norm(norm_dim, 1e-5, dtype, param_dtype, rngs)
         self.reduction = linear(4 * dim, 2 * dim, dtype, param_dtype, rngs, use_bias=False)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return self.reduction(self.norm(merge_patches(x)))
+        if self.version == 1:
+            return self.reduction(self.norm(merge_patches(x)))
+        return self.norm(self.reduction(merge_patches(x)))
 
 
 class SwinStage(nnx.Module):
@@ -196,7 +269,7 @@ class SwinStage(nnx.Module):
         ws = cfg.window_size
         self.blocks = nnx.List([
             SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else ws // 2, cfg.mlp_ratio,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      cfg.version, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(depth)
         ])
 
@@ -219,7 +292,7 @@ class PatchEmbed(nnx.Module):
 
 
 class SwinTransformer(nnx.Module):
-    """Swin v1 encoder: (B, H, W, 3) -> four NHWC stage outputs at strides 4, 8, 16, 32."""
+    """Swin v1/v2 encoder: (B, H, W, 3) -> four NHWC stage outputs at strides 4, 8, 16, 32."""
 
     def __init__(self, cfg: SwinConfig, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
@@ -230,7 +303,7 @@ class SwinTransformer(nnx.Module):
         self.stages = nnx.List([
             SwinStage(d, n, h, cfg, **kw) for d, n, h in zip(dims, cfg.depths, cfg.num_heads)
         ])
-        self.merges = nnx.List([PatchMerging(d, **kw) for d in dims[:-1]])
+        self.merges = nnx.List([PatchMerging(d, cfg.version, **kw) for d in dims[:-1]])
 
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
         x = self.patch_embed(x)
