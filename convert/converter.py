@@ -37,10 +37,11 @@ class ConversionReport:
     num_parameters: int = 0
     checked: list[str] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    label: str | None = None  # what was converted, when not a whole variant
 
     def summary(self) -> str:
         """Human-readable lines for the CLI."""
-        lines = [f"variant {self.variant.name}: {self.mapped} tensors mapped "
+        lines = [f"{self.label or 'variant ' + self.variant.name}: {self.mapped} tensors mapped "
                  f"({self.num_parameters / 1e6:.2f} M values) from {self.source.name}"]
         if self.checked:
             lines.append(f"{len(self.checked)} index buffers checked against the values "

@@ -17,6 +17,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_backbone(args: argparse.Namespace) -> int:
+    from segface_jax.convert.backbone import convert_backbone
+
+    out = args.out or f"{args.arch}-imagenet"
+    report = convert_backbone(args.arch, args.checkpoint, out, args.overwrite)
+    print(report.summary())
+    print(f"wrote {out}")
+    return 0
+
+
 def _parity(args: argparse.Namespace) -> int:
     from segface_jax.convert.parity import run_parity
 
@@ -44,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--variant", help="released variant name; required when the file is ambiguous")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     c.set_defaults(func=_convert)
+
+    b = sub.add_parser("convert-backbone",
+                       help="convert torchvision ImageNet weights into encoder parameters")
+    b.add_argument("checkpoint", nargs="?",
+                   help="torchvision .pth (default: torchvision's cache, downloading if possible)")
+    b.add_argument("--arch", required=True, help="swin_b, swin_v2_b, convnext_base, "
+                   "mobilenet_v3_large, efficientnet_v2_m or resnet101")
+    b.add_argument("--out", help="output directory (default: <arch>-imagenet)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    b.set_defaults(func=_convert_backbone)
 
     q = sub.add_parser("parity", help="compare the JAX model with the PyTorch reference")
     q.add_argument("--variant", required=True, help="released variant name")
