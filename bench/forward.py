@@ -1,7 +1,7 @@
 """Forward-pass benchmark: JAX (jit) vs PyTorch eager on the same weights and input.
 
-    python bench/forward.py                      # CPU table of issue 2 (batch 1)
-    python bench/forward.py --batch 1 8 --variants swinb_celeba_224
+    python bench/forward.py --batch 1 8          # every family, the README table
+    python bench/forward.py --variants swinb_celeba_224 --runs 10
 
 Each (framework, variant, batch) runs in a fresh subprocess so peak memory is its own: peak
 resident memory (ru_maxrss) on CPU, peak device memory on GPU. Latency is the median of
@@ -22,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_VARIANTS = ["swinb_celeba_512", "swinb_celeba_224", "convnext_celeba_512"]
+# one variant of every encoder family (plus the smallest Swin)
+DEFAULT_VARIANTS = ["swinb_celeba_512", "swinb_celeba_224", "swinv2b_celeba_512",
+                    "convnext_celeba_512", "mobilenet_celeba_512", "efficientnet_celeba_512",
+                    "resnet_celeba_512"]
 
 
 def _rss_mb() -> float:
@@ -164,12 +167,13 @@ def main() -> None:
     print(f"\nJAX device: {rows[0][2]['device']}; torch: {rows[0][3]['device']}, "
           f"{rows[0][3]['threads']} threads; median of {a.runs} runs; "
           f"float32 matmul precision {a.precision}\n")
-    print(f"| variant | batch | JAX ms | torch ms | torch/JAX | JAX compile s | JAX {mem} "
-          f"| torch {mem} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| variant | batch | JAX ms | torch ms | torch/JAX | JAX img/s | torch img/s "
+          f"| JAX compile s | JAX {mem} | torch {mem} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, b, j, t in rows:
         print(f"| {name} | {b} | {j['ms']:.1f} | {t['ms']:.1f} | {t['ms'] / j['ms']:.2f} | "
-              f"{j['compile_s']:.1f} | {j['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
+              f"{1000 * b / j['ms']:.2f} | {1000 * b / t['ms']:.2f} | {j['compile_s']:.1f} | "
+              f"{j['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
