@@ -51,7 +51,7 @@ REL_BAR = 2e-5
 ARGMAX_BAR = 0.9999
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)  # conversions stay cached on disk; bound the memory held
 def _loaded(name: str, dtype=None) -> segface_jax.LoadedModel:
     out = release.session_dir() / f"orbax-{name}"
     if not out.exists():
