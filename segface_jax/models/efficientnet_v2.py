@@ -11,7 +11,13 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from segface_jax.models.layers import ConvBNAct, Dtype, SqueezeExcitation
+from segface_jax.models.layers import (
+    ConvBNAct,
+    Dtype,
+    ResidualBlock,
+    SqueezeExcitation,
+    tapped_features,
+)
 from segface_jax.models.mobilenet_v3 import make_divisible
 
 _BN = dict(eps=1e-3, momentum=0.1)  # torchvision EfficientNet BatchNorm
@@ -41,7 +47,7 @@ class EfficientNetV2Config:
         return tuple(widths[t] for t in self.taps)
 
 
-class MBConv(nnx.Module):
+class MBConv(ResidualBlock):
     """(Fused-)MBConv: expand (fused: k x k), [depthwise k x k, SE with SiLU], project, residual."""
 
     def __init__(self, fused: bool, expand: int, k: int, stride: int, cin: int, cout: int, *,
@@ -66,12 +72,6 @@ class MBConv(nnx.Module):
             ]
         self.block = nnx.List(layers)
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = x
-        for layer in self.block:
-            y = layer(y)
-        return x + y if self.residual else y
-
 
 class EfficientNetV2(nnx.Module):
     """EfficientNetV2 ``features``: (B, H, W, 3) -> the four tapped maps, NHWC."""
@@ -93,13 +93,4 @@ class EfficientNetV2(nnx.Module):
         ])
 
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
-        outs = []
-        for i, layer in enumerate(self.features[:max(self.cfg.taps) + 1]):
-            if isinstance(layer, nnx.List):
-                for block in layer:
-                    x = block(x)
-            else:
-                x = layer(x)
-            if i in self.cfg.taps:
-                outs.append(x)
-        return outs
+        return tapped_features(self.features, self.cfg.taps, x)

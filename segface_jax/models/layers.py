@@ -160,6 +160,33 @@ class SqueezeExcitation(nnx.Module):
         return x * s
 
 
+class ResidualBlock(nnx.Module):
+    """Apply ``self.block`` (an nnx.List) in order; add the input when ``self.residual``.
+
+    Base of torchvision's inverted-residual family (MobileNetV3, (Fused)MBConv), whose
+    subclasses set both in ``__init__``; stochastic depth is the identity at inference.
+    """
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return x + y if self.residual else y
+
+
+def tapped_features(features: nnx.List, taps: tuple[int, ...], x: jnp.ndarray) -> list:
+    """Run torchvision-style ``features`` (modules or lists of modules) and collect ``taps``."""
+    outs = []
+    for i, layer in enumerate(features):
+        for module in (layer if isinstance(layer, nnx.List) else (layer,)):
+            x = module(x)
+        if i in taps:
+            outs.append(x)
+        if i == max(taps):
+            break
+    return outs
+
+
 def resize_bilinear(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
     """Bilinear resize of NHWC like torch ``interpolate(align_corners=False)``, no antialias."""
     if x.shape[1:3] == tuple(hw):

@@ -10,7 +10,13 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from segface_jax.models.layers import ConvBNAct, Dtype, SqueezeExcitation
+from segface_jax.models.layers import (
+    ConvBNAct,
+    Dtype,
+    ResidualBlock,
+    SqueezeExcitation,
+    tapped_features,
+)
 
 _BN = dict(eps=1e-3, momentum=0.01)  # torchvision MobileNetV3 BatchNorm
 
@@ -49,7 +55,7 @@ class MobileNetV3Config:
         return tuple(widths[t] for t in self.taps)
 
 
-class InvertedResidual(nnx.Module):
+class InvertedResidual(ResidualBlock):
     """Expand 1x1, depthwise k x k, optional squeeze-excitation, project 1x1, residual."""
 
     def __init__(self, cin: int, k: int, expanded: int, cout: int, se: bool, act: str,
@@ -68,12 +74,6 @@ class InvertedResidual(nnx.Module):
         layers.append(ConvBNAct(expanded, cout, 1, act=None, **_BN, **kw))
         self.block = nnx.List(layers)
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = x
-        for layer in self.block:
-            y = layer(y)
-        return x + y if self.residual else y
-
 
 class MobileNetV3(nnx.Module):
     """MobileNetV3-Large ``features``: (B, H, W, 3) -> the four tapped maps, NHWC."""
@@ -90,9 +90,4 @@ class MobileNetV3(nnx.Module):
         ])
 
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
-        outs = []
-        for i, layer in enumerate(self.features[:max(self.cfg.taps) + 1]):
-            x = layer(x)
-            if i in self.cfg.taps:
-                outs.append(x)
-        return outs
+        return tapped_features(self.features, self.cfg.taps, x)
