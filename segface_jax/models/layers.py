@@ -66,6 +66,20 @@ def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
     return out if bias is None else out + bias
 
 
+def apply_conv(conv: nnx.Conv, x: jnp.ndarray) -> jnp.ndarray:
+    """``conv(x)``, with 1x1 convolutions computed as a (strided) matmul.
+
+    XLA:CPU runs a 1x1 convolution 1.3-2.6x slower than the same contraction as a dot
+    (measured at EfficientNet/ResNet shapes); the arithmetic is the same sum.
+    """
+    if tuple(conv.kernel_size) != (1, 1):
+        return conv(x)
+    sh, sw = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
+    dt = conv.dtype or x.dtype
+    y = x[:, ::sh, ::sw].astype(dt) @ conv.kernel[...][0, 0].astype(dt)
+    return y if conv.bias is None else y + conv.bias[...].astype(dt)
+
+
 def hardsigmoid(x: jnp.ndarray) -> jnp.ndarray:
     """torch ``hardsigmoid``: relu6(x + 3) / 6."""
     return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
@@ -138,7 +152,7 @@ class ConvBNAct(nnx.Module):
             x = depthwise_conv(x.astype(dt), self.conv.kernel[...][:, :, 0, :].astype(dt), None,
                                stride=self.stride)
         else:
-            x = self.conv(x)
+            x = apply_conv(self.conv, x)
         x = self.bn(x)
         return x if self.act is None else ACTIVATIONS[self.act](x)
 
@@ -155,7 +169,7 @@ class SqueezeExcitation(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         s = x.mean(axis=(1, 2), keepdims=True)
-        s = self.fc2(ACTIVATIONS[self.act](self.fc1(s)))
+        s = apply_conv(self.fc2, ACTIVATIONS[self.act](apply_conv(self.fc1, s)))
         s = hardsigmoid(s) if self.gate == "hardsigmoid" else jax.nn.sigmoid(s)
         return x * s
 

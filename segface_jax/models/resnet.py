@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segface_jax.models.layers import BatchNorm, Dtype
+from segface_jax.models.layers import BatchNorm, Dtype, apply_conv
 
 _EPS = 1e-5  # torchvision ResNet BatchNorm
 
@@ -60,10 +60,11 @@ class Bottleneck(nnx.Module):
             self.downsample_bn = BatchNorm(cout, _EPS, **kw)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn1(apply_conv(self.conv1, x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        identity = self.downsample_bn(self.downsample_conv(x)) if self.has_downsample else x
+        y = self.bn3(apply_conv(self.conv3, y))
+        identity = (self.downsample_bn(apply_conv(self.downsample_conv, x)) if self.has_downsample
+                    else x)
         return jax.nn.relu(y + identity)
 
 
