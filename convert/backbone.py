@@ -24,7 +24,7 @@ from segface_jax.convert.converter import (
     map_state_dict,
     sha256_file,
 )
-from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES, Family
+from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES
 from segface_jax.models.segface import ENCODERS
 
 # torchvision weights enum of each architecture (the ones upstream's ``pretrained=True`` meant)
@@ -101,7 +101,7 @@ def map_classifier(state: dict[str, np.ndarray], arch: str) -> tuple[dict[str, n
                                                                      list[str], dict[str, str]]:
     """Encoder parameters (keys relative to the encoder) from a torchvision classifier."""
     name = BACKBONE_FAMILY[arch]
-    base = FAMILIES[name]
+    family = FAMILIES[name]
     head = {k for k in state if re.fullmatch(_HEADS[name], k)}
     renamed, unknown = {}, []
     for key, value in state.items():
@@ -112,7 +112,6 @@ def map_classifier(state: dict[str, np.ndarray], arch: str) -> tuple[dict[str, n
             unknown.append(key)
         else:
             renamed[new] = value
-    family = Family(name, base.rules, base.checks, base.ignored)
     expected = {f"backbone.{k}": v for k, v in flat_state(abstract_encoder(arch)).items()}
     try:
         params, checked, skipped = map_state_dict(renamed, family, expected)

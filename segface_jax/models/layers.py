@@ -101,7 +101,7 @@ class BatchNorm(nnx.Module):
     """
 
     def __init__(self, c: int, eps: float, momentum: float = 0.1, *, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+                 param_dtype: Dtype = jnp.float32):
         self.eps = eps
         self.momentum = momentum
         self.dtype = dtype
