@@ -133,10 +133,7 @@ def convert_backbone(arch: str, src: str | os.PathLike | None, out_dir: str | os
     src = Path(src) if src else find_weights(arch)
     state = load_state_dict(src)
     params, checked, skipped = map_classifier(state, arch)
-    from segface_jax.variants import VARIANTS
-
-    variant = next(v for v in VARIANTS.values() if v.backbone == arch)
-    report = ConversionReport(variant, src, sha256_file(src), mapped=len(params),
+    report = ConversionReport(None, src, sha256_file(src), mapped=len(params),
                               num_parameters=sum(a.size for a in params.values()),
                               checked=checked, skipped=skipped, label=f"{arch} ImageNet encoder")
     metadata = {

@@ -30,7 +30,7 @@ class ConversionError(Exception):
 class ConversionReport:
     """What a conversion mapped, checked and skipped."""
 
-    variant: Variant
+    variant: Variant | None  # None for an encoder-only (convert-backbone) conversion
     source: Path
     sha256: str
     mapped: int = 0
@@ -41,7 +41,8 @@ class ConversionReport:
 
     def summary(self) -> str:
         """Human-readable lines for the CLI."""
-        lines = [f"{self.label or 'variant ' + self.variant.name}: {self.mapped} tensors mapped "
+        what = self.label or f"variant {self.variant.name}"
+        lines = [f"{what}: {self.mapped} tensors mapped "
                  f"({self.num_parameters / 1e6:.2f} M values) from {self.source.name}"]
         if self.checked:
             lines.append(f"{len(self.checked)} index buffers checked against the values "
