@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,7 +122,13 @@ def test_each_single_problem_is_refused(tmp_path, capsys, mutation):
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
-    for name, payload in [("noise.pt", os.urandom(4096)), ("text.pt", b"hello\n")]:
+    # Random bytes drive torch's unpickler into many different exceptions (IndexError,
+    # UnpicklingError, EOFError, ...): a fixed set of seeds covers them deterministically.
+    noise = [(f"noise{seed}.pt", np.random.default_rng(seed).bytes(4096)) for seed in range(40)]
+    real = tmp_path / "real.pt"
+    torch.save({"state_dict_backbone": {"w": torch.ones(64, 64)}}, real)
+    truncated = real.read_bytes()[:-300]
+    for name, payload in [*noise, ("text.pt", b"hello\n"), ("truncated.pt", truncated)]:
         src = tmp_path / name
         src.write_bytes(payload)
         out = tmp_path / f"out-{name}"
