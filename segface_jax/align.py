@@ -41,6 +41,23 @@ def similarity_matrix(src: jnp.ndarray, dst: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack(rows, axis=-1).reshape(-1, 3, 3)
 
 
+def invert_similarity(matrix: jnp.ndarray) -> jnp.ndarray:
+    """Closed-form inverse of (B, 3, 3) similarity matrices [[a, b, tx], [-b, a, ty], [0, 0, 1]].
+
+    Written out rather than ``jnp.linalg.inv`` so exporters without a linear solver (ONNX)
+    can translate the alignment.
+    """
+    a, b = matrix[:, 0, 0], matrix[:, 0, 1]
+    tx, ty = matrix[:, 0, 2], matrix[:, 1, 2]
+    det = a * a + b * b
+    ia, ib = a / det, -b / det  # inverse linear part [[ia, ib], [-ib, ia]]
+    itx = -(ia * tx + ib * ty)
+    ity = -(-ib * tx + ia * ty)
+    zeros, ones = jnp.zeros_like(a), jnp.ones_like(a)
+    rows = [ia, ib, itx, -ib, ia, ity, zeros, zeros, ones]
+    return jnp.stack(rows, axis=-1).reshape(-1, 3, 3)
+
+
 def face_align_matrix(landmarks: jnp.ndarray, resolution: int) -> jnp.ndarray:
     """Matrix taking (B, 5, 2) pixel landmarks onto the standard points of an R x R crop."""
     target = (jnp.asarray(STANDARD_FACE_POINTS) + 1.0) * (resolution - 1) / 2.0
@@ -90,7 +107,7 @@ def warp_grid(matrix: jnp.ndarray, warped_hw: tuple[int, int], orig_hw: tuple[in
     wh = jnp.array([w, h], jnp.float32)
     c = jnp.asarray(_pixel_coords(h, w))[None] / wh * 2.0 - 1.0
     c = (_tanh_unsquash(c, factor) + 1.0) / 2.0 * wh
-    orig = _apply(jnp.linalg.inv(matrix), c)
+    orig = _apply(invert_similarity(matrix), c)
     orig_wh = jnp.array([orig_hw[1], orig_hw[0]], jnp.float32)
     return (orig / orig_wh * 2.0 - 1.0).reshape(matrix.shape[0], h, w, 2)
 

@@ -190,6 +190,14 @@ def test_similarity_matrix_matches_reference():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=3e-4)
 
 
+def test_invert_similarity_is_the_matrix_inverse():
+    m = align.face_align_matrix(jnp.asarray(_landmarks(512)), 512)
+    # float32 closed form vs float64 LU inverse: entries are O(1) (linear part) and O(100)
+    # (translation); 1e-5 relative is ~100 float32 ulps, a sign or transpose error is O(1).
+    np.testing.assert_allclose(np.asarray(align.invert_similarity(m)),
+                               np.linalg.inv(np.asarray(m, np.float64)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["warp", "inverse"])
 def test_warp_grids_match_float64_reference(which):
     """The grids against the float64 reference, in pixels.
