@@ -43,7 +43,7 @@ def _rss_mb() -> float:
 def _input(resolution: int, batch: int):
     import numpy as np
 
-    from segface_jax.convert.parity import sample_face
+    from segface_jax.examples import sample_face
 
     _, x, lm = sample_face(resolution)
     return np.repeat(x, batch, 0), np.repeat(lm, batch, 0)

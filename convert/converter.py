@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import os
 import pickle
 import re
@@ -17,6 +16,7 @@ import numpy as np
 
 from segface_jax.checkpoint import abstract_model, flat_state, save_checkpoint
 from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES, Family
+from segface_jax.hub import sha256_file
 from segface_jax.models import SegFaceConfig
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
@@ -52,15 +52,6 @@ class ConversionReport:
         for why, keys in reasons.items():
             lines.append(f"skipped {', '.join(keys)}: {why}")
         return "\n".join(lines)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

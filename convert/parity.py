@@ -10,26 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from segface_jax import preprocess
+from segface_jax.examples import sample_face
 from segface_jax.models import SegFaceConfig
-from segface_jax.variants import HUB_REPO, Variant
-
-# scikit-image's ``astronaut`` (512 x 512): a square crop around the face and its 5 landmarks
-# (eye centres, nose tip, mouth corners) in full-image pixels, read off the photo by eye.
-ASTRONAUT_FACE_BOX = (94, 0, 350, 256)
-ASTRONAUT_LANDMARKS = np.array(
-    [[201.5, 101.5], [248.0, 103.0], [223.0, 125.0], [205.5, 141.5], [242.0, 142.5]], np.float32)
-
-
-def sample_face(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Astronaut face crop at ``resolution``: (uint8 RGB, normalised NHWC, landmarks (1,5,2))."""
-    from skimage import data
-
-    x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
-    crop = data.astronaut()[y0:y1, x0:x1]
-    scale = resolution / (x1 - x0)
-    rgb = preprocess.resize_rgb(crop, resolution)
-    lm = (ASTRONAUT_LANDMARKS - np.array([x0, y0], np.float32)) * scale
-    return rgb, preprocess.normalize(rgb)[None], lm[None].astype(np.float32)
+from segface_jax.variants import Variant
 
 
 def default_landmarks(resolution: int) -> np.ndarray:
@@ -70,21 +53,6 @@ def run_torch(model, images_nhwc: np.ndarray, landmarks: np.ndarray | None) -> n
         return model(x, lm).permute(0, 2, 3, 1).numpy()
 
 
-def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """Whether the hub's endpoint (HF_ENDPOINT honoured) accepts a connection, and why not."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False, "HF_HUB_OFFLINE is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True, ""
-    except OSError as e:
-        return False, f"{url.hostname}: {e.strerror or type(e).__name__}"
-
-
 def network_parity(model, ref, x: np.ndarray, landmarks: np.ndarray) -> ParityResult:
     """LaPa: both networks parse the same torch-warped input (no alignment noise)."""
     import torch
@@ -99,21 +67,14 @@ def network_parity(model, ref, x: np.ndarray, landmarks: np.ndarray) -> ParityRe
 
 
 def fetch_release(variant: Variant) -> Path | None:
-    """The release file from the local hub cache or the hub, or None when neither has it."""
-    from huggingface_hub import hf_hub_download
+    """The release file from the local hub cache or the hub, or None (said) when neither has it."""
+    from segface_jax.hub import WeightsUnavailableError, download_release
 
     try:
-        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, local_files_only=True))
-    except Exception:  # not cached yet
-        pass
-    reachable, why = _hub_reachable()
-    if reachable:
-        try:
-            return Path(hf_hub_download(HUB_REPO, variant.hub_filename))
-        except Exception as e:  # HTTP error, interrupted transfer, ...
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    print(f"Hugging Face hub unreachable ({why}); using a seeded release-format checkpoint "
-          "with RANDOM weights instead")
+        return download_release(variant)
+    except WeightsUnavailableError as e:
+        print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
+              "checkpoint with RANDOM weights instead")
     return None
 
 

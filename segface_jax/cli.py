@@ -1,4 +1,4 @@
-"""The ``segface-jax`` command line: convert release checkpoints and check parity with PyTorch."""
+"""The ``segface-jax`` command line: parse faces, convert and export checkpoints, check parity."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def _parity(args: argparse.Namespace) -> int:
 
     run_parity(get_variant(args.variant), args.weights, args.image, args.out)
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from segface_jax.predict import run_predict
+
+    return run_predict(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from segface_jax.export import run_export
+
+    return run_export(args)
 
 
 def _variants(args: argparse.Namespace) -> int:
@@ -72,6 +84,48 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="overlay PNG path (default: parity_<variant>.png)")
     q.set_defaults(func=_parity)
 
+    r = sub.add_parser("predict", help="parse faces in images, folders or globs",
+                       description="Parse faces with a released SegFace model. Weights are "
+                       "downloaded from the Hugging Face hub once, converted once and cached "
+                       "(see README, 'Parsing your images').")
+    r.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
+    r.add_argument("--variant", required=True, help="released variant (see `segface-jax variants`)")
+    r.add_argument("--weights", help="release model_299.pt or a `segface-jax convert` directory "
+                   "(default: download the variant's release file)")
+    r.add_argument("--out", default="segface-out", help="output folder (default: segface-out)")
+    r.add_argument("--landmarks", help="JSON {image: [[x, y], ...]} (5, 68 or 106 points), a "
+                   "folder of <stem>.txt files, or one .txt for a single image")
+    r.add_argument("--batch-size", type=int, default=8, help="images per forward pass "
+                   "(compiled once per power of two up to it; default 8)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (parameters stay float32)")
+    r.add_argument("--save", default="labels,overlay,json",
+                   help="outputs: any of labels,overlay,probs,json (default labels,overlay,json)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.add_argument("--skip-existing", action="store_true",
+                   help="leave inputs whose outputs all exist (resume an interrupted run)")
+    r.add_argument("--revision", help="hub revision (branch, tag or commit) of the weights")
+    r.add_argument("--example", action="store_true",
+                   help="also parse scikit-image's astronaut photo (written as astronaut_*)")
+    r.add_argument("--allow-random-weights", action="store_true",
+                   help="when the hub is unreachable, run a seeded random-weight checkpoint "
+                   "(labelled as such) instead of failing: for smoke tests only")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_predict)
+
+    e = sub.add_parser("export", help="export a variant as StableHLO (jax.export) or ONNX")
+    e.add_argument("--variant", required=True, help="released variant name")
+    e.add_argument("--weights", help="release model_299.pt or converted directory "
+                   "(default: download the variant's release file)")
+    e.add_argument("--format", choices=["stablehlo", "onnx"], required=True)
+    e.add_argument("--out", help="output file (default: <variant>.<stablehlo|onnx>)")
+    e.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: "
+                   "any batch for StableHLO, 1 for ONNX)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    e.add_argument("--revision", help="hub revision of the weights")
+    e.set_defaults(func=_export)
+
     v = sub.add_parser("variants", help="list the released variants")
     v.set_defaults(func=_variants)
     return p
@@ -80,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command and turn known errors into one-line messages."""
     from segface_jax.checkpoint import CheckpointError
+    from segface_jax.landmarks import LandmarkError
+    from segface_jax.predict import InputError
     from segface_jax.preprocess import ImageError
 
     args = build_parser().parse_args(argv)
     known: tuple[type[Exception], ...] = (CheckpointError, ImageError, UnknownVariantError,
-                                          NotImplementedError)
+                                          NotImplementedError, LandmarkError, InputError)
     try:
         from segface_jax.convert.converter import ConversionError
         known += (ConversionError,)
@@ -102,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except KeyboardInterrupt:
-        print(f"segface-jax {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"segface-jax {args.command}: interrupted; no partial output was left behind",
+              file=sys.stderr)
         return 130
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from segface_jax.cli import main
-from segface_jax.convert.parity import sample_face
+from segface_jax.examples import sample_face
 from tests import release
 
 

@@ -42,7 +42,8 @@ import pytest
 
 import segface_jax
 from segface_jax.convert.converter import convert_checkpoint
-from segface_jax.convert.parity import compare, network_parity, run_torch, sample_face
+from segface_jax.convert.parity import compare, network_parity, run_torch
+from segface_jax.examples import sample_face
 from tests import release
 
 pytestmark = pytest.mark.slow

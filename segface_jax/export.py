@@ -1,0 +1,96 @@
+"""``segface-jax export``: a converted model as a serialized ``jax.export`` artifact or ONNX.
+
+Both artifacts take the model's own input, (N, R, R, 3) float32 ImageNet-normalised RGB (plus
+(N, 5, 2) landmarks for LaPa variants), and return (N, R, R, C) float32 logits, with the
+parameters embedded.
+
+* StableHLO (``jax.export``): any batch size (symbolic batch dimension) unless one is fixed;
+  lowered for CPU, CUDA and TPU. Load with
+  ``jax.export.deserialize(open(path, "rb").read()).call(images[, landmarks])``.
+* ONNX (through jax2onnx, ``pip install 'segface-jax[onnx]'``): a fixed batch size (default 1;
+  jax2onnx cannot yet trace the bilinear resize with a symbolic batch), opset 23.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from segface_jax.checkpoint import CheckpointError, LoadedModel
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def _signature(model: LoadedModel, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    r = model.resolution
+    specs = [jax.ShapeDtypeStruct((batch, r, r, 3), np.float32)]
+    if model.variant.needs_landmarks:
+        specs.append(jax.ShapeDtypeStruct((batch, 5, 2), np.float32))
+    return tuple(specs)
+
+
+def _function(model: LoadedModel):
+    # The parameters are closed over, so they become constants of the exported program.
+    if model.variant.needs_landmarks:
+        return lambda images, landmarks: model._forward(model._state, images, landmarks)
+    return lambda images: model._forward(model._state, images, None)
+
+
+def export_stablehlo(model: LoadedModel, batch_size: int | None = None,
+                     platforms: tuple[str, ...] = PLATFORMS) -> bytes:
+    """Serialized ``jax.export.Exported`` of the model (symbolic batch when ``batch_size`` is
+    None)."""
+    from jax import export
+
+    batch = export.symbolic_shape("batch")[0] if batch_size is None else batch_size
+    exported = export.export(jax.jit(_function(model)), platforms=platforms)(
+        *_signature(model, batch))
+    return exported.serialize()
+
+
+def export_onnx(model: LoadedModel, batch_size: int = 1):
+    """The model as an ONNX ``ModelProto`` with a fixed batch size, converted by jax2onnx."""
+    try:
+        from jax2onnx import to_onnx
+    except ModuleNotFoundError:
+        raise CheckpointError("ONNX export needs jax2onnx: pip install 'segface-jax[onnx]'") \
+            from None
+    names = ["images", "landmarks"] if model.variant.needs_landmarks else ["images"]
+    return to_onnx(_function(model), [s.shape for s in _signature(model, batch_size)],
+                   model_name=model.variant.name, input_names=names, output_names=["logits"])
+
+
+def run_export(args) -> int:
+    """The ``export`` command."""
+    from segface_jax import hub
+    from segface_jax.checkpoint import load
+    from segface_jax.variants import get_variant
+
+    v = get_variant(args.variant)
+    out = Path(args.out or f"{v.name}.{args.format}")
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CheckpointError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    if args.format == "stablehlo":
+        data = export_stablehlo(model, args.batch_size)
+        batch = "any batch size" if args.batch_size is None else f"batch {args.batch_size}"
+    else:
+        data = export_onnx(model, args.batch_size or 1).SerializeToString()
+        batch = f"batch {args.batch_size or 1}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    inputs = "images (N, R, R, 3)" + (" and landmarks (N, 5, 2)" if v.needs_landmarks else "")
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB): {v.name}, {args.format}, {batch}, "
+          f"inputs {inputs} with R = {v.resolution}, output logits (N, R, R, {v.num_classes})")
+    return 0

@@ -1,0 +1,140 @@
+"""Released weights on demand: download from the Hugging Face hub, convert once, cache by sha256.
+
+Downloads go through ``huggingface_hub`` (so HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and
+HF_HUB_OFFLINE all apply). Converted Orbax checkpoints live under the segface-jax cache
+(``$SEGFACE_JAX_CACHE``, else ``$XDG_CACHE_HOME/segface-jax``, else ``~/.cache/segface-jax``)
+in ``converted/<sha256 of the .pt>-<variant>/``, so the same file is converted only once,
+whichever path or revision it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
+from segface_jax.variants import HUB_REPO, Variant
+
+
+class WeightsUnavailableError(CheckpointError):
+    """The release file is neither cached nor downloadable; the message says what to fetch."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+def cache_dir() -> Path:
+    """Root of segface-jax's own cache (converted checkpoints, compiled programs)."""
+    if os.environ.get("SEGFACE_JAX_CACHE"):
+        return Path(os.environ["SEGFACE_JAX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "segface-jax"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``segface-jax convert``."""
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def release_url(variant: Variant, revision: str | None = None) -> str:
+    """Browser URL of a variant's release file on the hub."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{HUB_REPO}/resolve/{revision or 'main'}/{variant.hub_filename}"
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the hub's endpoint (HF_ENDPOINT honoured) accepts a connection, and why not.
+
+    A quick probe, so an offline machine learns in seconds, not after the client's retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False, "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True, ""
+    except OSError as e:
+        return False, f"{url.hostname}: {e.strerror or type(e).__name__}"
+
+
+def download_release(variant: Variant, revision: str | None = None) -> Path:
+    """Local path of ``<variant>/model_299.pt``: from the hub cache, else downloaded."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ModuleNotFoundError:
+        raise WeightsUnavailableError(
+            "downloading released weights needs huggingface_hub: pip install "
+            f"'segface-jax[convert]', or download {release_url(variant, revision)} yourself "
+            "and pass it as weights") from None
+
+    try:
+        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, revision=revision,
+                                    local_files_only=True))
+    except Exception:  # not in the local hub cache
+        pass
+    reachable, why = hub_reachable()
+    if reachable:
+        try:
+            return Path(hf_hub_download(HUB_REPO, variant.hub_filename, revision=revision))
+        except Exception as e:  # HTTP errors, a revision that does not exist, a broken transfer
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    raise WeightsUnavailableError(
+        f"cannot get the weights of {variant.name} ({why}). Download "
+        f"{release_url(variant, revision)} on a machine with access and either pass it with "
+        f"--weights (weights= in Python) or put it in this machine's hub cache with "
+        f"`huggingface-cli download {HUB_REPO} {variant.hub_filename}`", reason=why) from None
+
+
+def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
+                         quiet: bool = False) -> Path:
+    """The Orbax directory for a release ``.pt``: from the cache, or converted into it once."""
+    pt_file = Path(pt_file)
+    if not pt_file.is_file():
+        raise CheckpointError(f"{pt_file}: no such file; pass a release model_299.pt or a "
+                              "directory written by `segface-jax convert`")
+    digest = sha256_file(pt_file)
+    out = cache_dir() / "converted" / f"{digest}-{variant.name}"
+    if is_converted(out):
+        return out
+    try:
+        from segface_jax.convert.converter import convert_checkpoint
+    except ModuleNotFoundError as e:
+        raise CheckpointError(
+            f"{pt_file} must be converted once, which needs PyTorch ({e.name} is missing): "
+            "pip install 'segface-jax[convert]', or convert it elsewhere with `segface-jax "
+            "convert` and pass the output directory") from None
+    if not quiet:
+        print(f"converting {pt_file.name} ({variant.name}) into {out} (once)")
+    convert_checkpoint(pt_file, out, variant.name, overwrite=True)
+    return out
+
+
+def resolve_weights(variant: Variant, weights: str | os.PathLike | None = None,
+                    revision: str | None = None, quiet: bool = False) -> Path:
+    """An Orbax checkpoint directory for ``variant``: ``weights`` as given (a converted
+    directory or a release ``.pt``), else the hub's release file, converted and cached."""
+    if weights is not None and is_converted(weights):
+        meta = read_metadata(weights)
+        if meta.get("variant") != variant.name:
+            raise CheckpointError(f"{weights} holds variant {meta.get('variant')!r}, not "
+                                  f"{variant.name!r}; pass the matching variant or weights")
+        return Path(weights)
+    if weights is not None and Path(weights).is_dir():
+        raise CheckpointError(f"{weights} is a directory but not a segface-jax checkpoint "
+                              f"({METADATA_FILE} missing); convert it with `segface-jax convert`")
+    pt_file = Path(weights) if weights is not None else download_release(variant, revision)
+    return converted_checkpoint(pt_file, variant, quiet=quiet)

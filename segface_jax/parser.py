@@ -1,0 +1,313 @@
+"""``FaceParser``: released SegFace models on any images, at each image's own size.
+
+```python
+parser = segface_jax.FaceParser.from_pretrained("swinb_celeba_512")
+result = parser(["me.jpg", pil_image, numpy_image])
+result.labels[0]        # (H, W) uint8 class map at the first image's size
+result.overlay(0)       # RGB overlay in the variant's palette
+```
+
+Images of any size are resized to the model resolution (bicubic, as upstream's data pipeline),
+batched into a fixed set of compiled batch shapes (powers of two up to ``batch_size``, the last
+batch padded), and the logits resized back to each image's size before the argmax (bilinear,
+as upstream's evaluation). LaPa models align faces with 5 landmarks; Helen models crop the box
+of 68 landmarks as upstream's Helen pipeline does.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from segface_jax import landmarks as lmk
+from segface_jax import postprocess, preprocess
+from segface_jax.checkpoint import CheckpointError, LoadedModel, load, read_metadata
+from segface_jax.variants import VARIANTS, Variant, get_variant
+
+NO_LANDMARKS_NOTE = ("{variant}: no landmarks given, so images are treated as already aligned, "
+                     "centred face crops (pass 5, 68 or 106 points per image to align them)")
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache (unless the user configured one already).
+
+    Compiled programs then survive the process: the second run of the same model and batch
+    shape starts in a fraction of the time. Default location: ``<segface-jax cache>/xla``;
+    set ``SEGFACE_JAX_COMPILATION_CACHE=0`` to leave JAX's setting alone.
+    """
+    from segface_jax.hub import cache_dir
+
+    if os.environ.get("SEGFACE_JAX_COMPILATION_CACHE", "1").lower() in ("0", "false", "no"):
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    target = Path(path) if path else cache_dir() / "xla"
+    target.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(target))
+    return target
+
+
+@dataclasses.dataclass
+class Parsed:
+    """One image's result (or the reason it failed) as ``FaceParser.parse_iter`` yields it."""
+
+    index: int
+    source: str
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB as parsed
+    labels: np.ndarray | None = None  # (H, W) uint8
+    probabilities: np.ndarray | None = None  # (H, W, C) float32
+    landmarks: np.ndarray | None = None  # (5, 2) pixel points used to align, if any
+    crop_box: tuple[int, int, int, int] | None = None  # Helen crop (x1, y1, x2, y2), if any
+    error: str | None = None  # why this input was not parsed
+    exception: Exception | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass
+class ParseResult:
+    """Class maps of a list of images, each at the image's own size."""
+
+    labels: list[np.ndarray]
+    probabilities: list[np.ndarray] | None
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    images: list[np.ndarray]
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def overlay(self, i: int, alpha: float = 0.5) -> np.ndarray:
+        """(H, W, 3) uint8 image ``i`` with its classes coloured (background left as is)."""
+        return preprocess.overlay(self.images[i], self.labels[i], self.palette, alpha)
+
+    def areas(self, i: int) -> dict[str, dict[str, float]]:
+        """Pixel count and fraction of every class in image ``i``."""
+        return postprocess.class_areas(self.labels[i], self.class_names)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    item: Parsed
+    x: np.ndarray  # (R, R, 3) float32 normalised
+    lm: np.ndarray | None  # (5, 2) at model resolution, LaPa only
+
+
+def _batch_buckets(batch_size: int) -> list[int]:
+    sizes, b = [], 1
+    while b < batch_size:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, batch_size]
+
+
+class FaceParser:
+    """Parse faces in images of any size with one SegFace model (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel, batch_size: int = 8, num_threads: int = 4,
+                 notify: Callable[[str], None] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.variant: Variant = model.variant
+        self.batch_size = batch_size
+        self.buckets = _batch_buckets(batch_size)
+        self.num_threads = max(1, num_threads)
+        self._notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self._said_no_landmarks = False
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, variant: str | None = None,
+                        dtype: Any = None, revision: str | None = None, batch_size: int = 8,
+                        compilation_cache: bool = True, quiet: bool = False,
+                        notify: Callable[[str], None] | None = None) -> FaceParser:
+        """A parser for a released variant name, a release ``.pt`` or a converted directory.
+
+        Variant names download ``kartiknarayan/SegFace/<variant>/model_299.pt`` (huggingface_hub;
+        HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and convert it once into the cache.
+        ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters.
+        """
+        from segface_jax import hub
+
+        if compilation_cache:
+            enable_compilation_cache()
+        name, path = str(name_or_path), Path(name_or_path)
+        if not path.exists():
+            if name not in VARIANTS and (os.sep in name or path.suffix in (".pt", ".pth")):
+                raise CheckpointError(f"{path}: no such file or directory")
+            v = get_variant(name)  # an unknown name raises, listing the released variants
+            if variant is not None and variant != v.name:
+                raise CheckpointError(f"asked for variant {variant!r} with weights {name!r}")
+            ckpt = hub.resolve_weights(v, None, revision, quiet=quiet)
+        elif hub.is_converted(path):
+            v = get_variant(variant or read_metadata(path).get("variant", "?"))
+            ckpt = hub.resolve_weights(v, path)
+        elif path.is_file():
+            v = get_variant(variant) if variant else _infer_variant(path)
+            ckpt = hub.resolve_weights(v, path, quiet=quiet)
+        else:
+            raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint; "
+                                  "pass a release model_299.pt or a `segface-jax convert` output")
+        return cls(load(ckpt, dtype=dtype), batch_size=batch_size, notify=notify)
+
+    # -- preparation -------------------------------------------------------------------------
+
+    def _prepare(self, index: int, item: Any, points: Any) -> _Prepared | Parsed:
+        source = str(item) if isinstance(item, str | os.PathLike) else f"<image {index}>"
+        out = Parsed(index, source)
+        try:
+            rgb = preprocess.to_rgb(item, source)
+            five = None if points is None else lmk.to_five(points, f"landmarks of {source}")
+        except (preprocess.ImageError, lmk.LandmarkError) as e:
+            out.error, out.exception = str(e), e
+            return out
+        out.image = rgb
+        v, r = self.variant, self.variant.resolution
+        h, w = rgb.shape[:2]
+        face = rgb
+        if v.dataset == "helen" and points is not None and np.asarray(points).size >= 2 * 68:
+            out.crop_box = lmk.helen_crop_box(np.asarray(points, np.float32).reshape(-1, 2),
+                                              (h, w))
+            x1, y1, x2, y2 = out.crop_box
+            if x2 - x1 < 2 or y2 - y1 < 2:
+                out.exception = lmk.LandmarkError(
+                    f"{source}: the landmarks' face box lies outside the image")
+                out.error = str(out.exception)
+                return out
+            face = rgb[y1:y2, x1:x2]
+        x = preprocess.normalize(preprocess.resize_rgb(face, r))
+        lm = None
+        if v.needs_landmarks:
+            if five is None:
+                from segface_jax.align import STANDARD_FACE_POINTS
+
+                lm = ((STANDARD_FACE_POINTS + 1) * (r - 1) / 2).astype(np.float32)
+            else:
+                out.landmarks = five
+                lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
+        return _Prepared(out, x, lm)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[_Prepared]):
+        n = len(batch)
+        size = next(b for b in self.buckets if b >= n)
+        x = np.zeros((size, *batch[0].x.shape), np.float32)
+        x[:n] = np.stack([p.x for p in batch])
+        lm = None
+        if self.variant.needs_landmarks:
+            from segface_jax.align import STANDARD_FACE_POINTS
+
+            r = self.variant.resolution
+            lm = np.broadcast_to((STANDARD_FACE_POINTS + 1) * (r - 1) / 2,
+                                 (size, 5, 2)).astype(np.float32)
+            lm[:n] = np.stack([p.lm for p in batch])
+        return self.model(x, landmarks=lm)  # dispatched asynchronously
+
+    def _finish(self, batch: list[_Prepared], logits: jax.Array,
+                with_probabilities: bool) -> Iterator[Parsed]:
+        host = np.asarray(logits)
+        for i, p in enumerate(batch):
+            out = p.item
+            h, w = out.image.shape[:2]
+            if out.crop_box is not None:
+                x1, y1, x2, y2 = out.crop_box
+                labels, probs = postprocess.labels_at_size(host[i], (y2 - y1, x2 - x1),
+                                                           with_probabilities)
+                out.labels, out.probabilities = postprocess.paste(labels, probs, out.crop_box,
+                                                                  (h, w))
+            else:
+                out.labels, out.probabilities = postprocess.labels_at_size(
+                    host[i], (h, w), with_probabilities)
+            yield out
+
+    def parse_iter(self, images: Iterable[Any], landmarks: Sequence[Any] | None = None,
+                   with_probabilities: bool = False) -> Iterator[Parsed]:
+        """Parse a stream of images, yielding one ``Parsed`` per input, in input order.
+
+        An input that cannot be used yields a ``Parsed`` with ``error`` set instead of raising.
+        Decoding runs in threads ahead of the device, and the post-processing of one batch
+        overlaps the next batch's forward pass.
+        """
+        items = list(images)
+        if landmarks is not None and len(landmarks) != len(items):
+            raise lmk.LandmarkError(f"got {len(landmarks)} landmark entries for {len(items)} "
+                                    "images; pass one per image (None where there are none)")
+        points = list(landmarks) if landmarks is not None else [None] * len(items)
+        if self.variant.needs_landmarks and any(p is None for p in points) \
+                and not self._said_no_landmarks:
+            self._said_no_landmarks = True
+            self._notify(NO_LANDMARKS_NOTE.format(variant=self.variant.name))
+        done: dict[int, Parsed] = {}
+        next_index = 0
+        pending: tuple[list[_Prepared], jax.Array] | None = None
+        batch: list[_Prepared] = []
+        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+            queue: collections.deque[concurrent.futures.Future] = collections.deque()
+            todo = iter(enumerate(zip(items, points)))
+            lookahead = 2 * self.batch_size + self.num_threads
+            while True:
+                for i, (item, pts) in itertools.islice(todo, lookahead - len(queue)):
+                    queue.append(pool.submit(self._prepare, i, item, pts))
+                if queue:
+                    prepared = queue.popleft().result()
+                    if isinstance(prepared, Parsed):
+                        done[prepared.index] = prepared
+                    else:
+                        batch.append(prepared)
+                if batch and (len(batch) == self.batch_size or not queue):
+                    logits = self._run_batch(batch)  # async: the host goes on below
+                    if pending is not None:
+                        done.update((o.index, o) for o in self._finish(*pending,
+                                                                        with_probabilities))
+                    pending, batch = (batch, logits), []
+                if not queue and pending is not None:
+                    done.update((o.index, o) for o in self._finish(*pending, with_probabilities))
+                    pending = None
+                while next_index in done:
+                    yield done.pop(next_index)
+                    next_index += 1
+                if not queue and not batch and pending is None:
+                    return
+
+    def __call__(self, images: Any, landmarks: Sequence[Any] | None = None,
+                 return_probabilities: bool = False) -> ParseResult:
+        """Parse images (paths, PIL images or arrays; one or a list) at their own sizes.
+
+        ``landmarks``: one entry per image, each 5, 68 or 106 (x, y) pixel points or None.
+        Raises ``ImageError`` / ``LandmarkError`` naming the first input that cannot be used.
+        """
+        single = isinstance(images, str | os.PathLike) or not isinstance(images, Sequence) \
+            or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
+        items = [images] if single else list(images)
+        if single and landmarks is not None:
+            landmarks = [landmarks]
+        results = list(self.parse_iter(items, landmarks, return_probabilities))
+        for r in results:
+            if r.exception is not None:
+                raise r.exception.with_traceback(None)
+        return ParseResult(
+            labels=[r.labels for r in results],
+            probabilities=[r.probabilities for r in results] if return_probabilities else None,
+            class_names=self.variant.classes, palette=self.variant.palette,
+            images=[r.image for r in results], sources=[r.source for r in results])
+
+
+def _infer_variant(path: Path) -> Variant:
+    # A release .pt without --variant: the converter infers it from the keys when unambiguous.
+    try:
+        from segface_jax.convert.converter import infer_variant, load_state_dict
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
+                              "is missing): pip install 'segface-jax[convert]'") from None
+    return infer_variant(load_state_dict(path), None, path)

@@ -1,0 +1,282 @@
+"""``segface-jax predict``: parse files, folders and globs of images and write the results.
+
+For each input ``<name>`` it writes, under ``--out`` (folders keep their sub-folder layout):
+``<name>_labels.png`` (palette PNG: pixel value = class index), ``<name>_overlay.png``,
+``<name>.json`` (class areas, size, weights) and, on request, ``<name>_probs.npz``. Every file
+is written to a temporary name and renamed, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from segface_jax import examples, preprocess
+from segface_jax import landmarks as lmk
+from segface_jax.parser import FaceParser, Parsed
+from segface_jax.postprocess import class_areas
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                  ".pgm", ".jfif"}
+SAVE_KINDS = ("labels", "overlay", "probs", "json")
+EXAMPLE = "astronaut"  # scikit-image's sample photo, for the README's first command
+
+
+class InputError(Exception):
+    """Inputs or options that cannot be used as given; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Job:
+    """One input image and where its outputs go (``stem`` without the output suffixes)."""
+
+    source: str  # a path, or "skimage:astronaut"
+    stem: Path
+
+    def outputs(self, save: Sequence[str]) -> dict[str, Path]:
+        """Output path of each requested kind."""
+        names = {"labels": "_labels.png", "overlay": "_overlay.png", "probs": "_probs.npz",
+                 "json": ".json"}
+        return {k: self.stem.with_name(self.stem.name + names[k]) for k in save}
+
+
+def collect_inputs(inputs: Sequence[str], out_dir: Path) -> list[Job]:
+    """Expand files, folders (recursively, image suffixes only) and globs into jobs."""
+    jobs: list[Job] = []
+    for arg in inputs:
+        if arg == f"skimage:{EXAMPLE}":
+            jobs.append(Job(arg, out_dir / EXAMPLE))
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            if not files:
+                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+                raise InputError(f"{path}: folder holds no images ({kinds})")
+            jobs += [Job(str(f), out_dir / path.name / f.relative_to(path).with_suffix(""))
+                     for f in files]
+        elif path.exists() or not glob.has_magic(arg):
+            jobs.append(Job(arg, out_dir / path.stem))  # a missing file fails with its reason
+        else:
+            matches = sorted(m for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise InputError(f"{arg}: the pattern matches no files")
+            jobs += [Job(m, out_dir / Path(m).stem) for m in matches]
+    if not jobs:
+        raise InputError("no inputs: pass image files, folders or glob patterns")
+    seen: dict[Path, str] = {}
+    clashes = []
+    for job in jobs:
+        if job.stem in seen and seen[job.stem] != job.source:
+            clashes.append(f"{seen[job.stem]} and {job.source}")
+        seen.setdefault(job.stem, job.source)
+    if clashes:
+        raise InputError("inputs would write the same output names: " + "; ".join(clashes[:5])
+                         + ("; ..." if len(clashes) > 5 else "")
+                         + ". Rename them or run them separately.")
+    unique: dict[str, Job] = {job.source: job for job in jobs}
+    return list(unique.values())
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A palette ('P' mode) PNG whose pixel values are the class indices."""
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    flat = [c for rgb in palette for c in rgb]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    return im
+
+
+def _random_weights_banner(image: np.ndarray) -> np.ndarray:
+    im = Image.fromarray(image)
+    text = "RANDOM WEIGHTS (hub unreachable): mask is meaningless"
+    draw = ImageDraw.Draw(im)
+    box = draw.textbbox((6, 6), text)
+    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+    draw.text((6, 6), text, fill=(255, 60, 60))
+    return np.asarray(im)
+
+
+def write_outputs(job: Job, result: Parsed, parser: FaceParser, save: Sequence[str],
+                  weights_note: dict) -> None:
+    """Write every requested output of one parsed image, each atomically."""
+    v = parser.variant
+    out = job.outputs(save)
+    if "labels" in out:
+        _atomic_write(out["labels"], lambda p: label_png(result.labels, v.palette).save(
+            p, format="PNG"))
+    if "overlay" in out:
+        over = preprocess.overlay(result.image, result.labels, v.palette)
+        if weights_note.get("random"):
+            over = _random_weights_banner(over)
+        _atomic_write(out["overlay"], lambda p: Image.fromarray(over).save(p, format="PNG"))
+    if "probs" in out:
+        def write_probs(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez_compressed(f, probabilities=result.probabilities.astype(np.float16),
+                                    class_names=np.array(v.classes))
+        _atomic_write(out["probs"], write_probs)
+    if "json" in out:
+        h, w = result.labels.shape
+        info = {
+            "source": job.source, "variant": v.name, "width": w, "height": h,
+            "weights": weights_note,
+            "landmarks": None if result.landmarks is None else result.landmarks.tolist(),
+            "alignment": ("landmarks" if result.landmarks is not None else
+                          "assumed aligned face crop") if v.needs_landmarks else None,
+            "crop_box": result.crop_box,
+            "classes": class_areas(result.labels, v.classes),
+        }
+        _atomic_write(out["json"], lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+
+
+def run_predict(args) -> int:
+    """The ``predict`` command; returns the exit status (1 when any input failed)."""
+    from tqdm import tqdm
+
+    save = [s.strip() for s in args.save.split(",") if s.strip()]
+    unknown = sorted(set(save) - set(SAVE_KINDS))
+    if unknown or not save:
+        raise InputError(f"--save: unknown output kind(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from {','.join(SAVE_KINDS)}")
+    out_dir = Path(args.out)
+    inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
+    jobs = collect_inputs(inputs, out_dir)
+    table = lmk.read_landmark_file(args.landmarks) if args.landmarks else {}
+    if "" in table and len(jobs) > 1:
+        raise InputError(f"{args.landmarks}: a single-image .txt landmark file, but there are "
+                         f"{len(jobs)} inputs; use a JSON file or a folder of <stem>.txt files")
+
+    existing = [p for job in jobs for p in job.outputs(save).values() if p.exists()]
+    skipped: list[Job] = []
+    if existing and not args.overwrite:
+        if not args.skip_existing:
+            shown = ", ".join(str(p) for p in existing[:3]) + (", ..." if len(existing) > 3
+                                                               else "")
+            raise InputError(f"{len(existing)} output file(s) already exist ({shown}); pass "
+                             "--overwrite to replace them or --skip-existing to parse only the "
+                             "other inputs")
+        done = {p for p in existing}
+        skipped = [j for j in jobs if all(p in done for p in j.outputs(save).values())]
+        jobs = [j for j in jobs if j not in skipped]
+
+    def note(msg: str) -> None:
+        tqdm.write(f"note: {msg}", file=sys.stderr)
+
+    t_setup = time.perf_counter()
+    weights_note: dict = {}
+    weights = args.weights
+    if weights is None and args.allow_random_weights:
+        weights, weights_note = _weights_or_seeded(args.variant, args.revision)
+    parser = FaceParser.from_pretrained(weights or args.variant, variant=args.variant,
+                                        dtype=args.dtype, revision=args.revision,
+                                        batch_size=args.batch_size, notify=note)
+    weights_note.setdefault("sha256", parser.model.metadata.get("source", {}).get("sha256"))
+    weights_note.setdefault("random", False)
+    setup_s = time.perf_counter() - t_setup
+
+    images, points = [], []
+    for job in jobs:
+        if job.source == f"skimage:{EXAMPLE}":
+            images.append(examples.astronaut())
+            points.append(examples.ASTRONAUT_LANDMARKS if parser.variant.needs_landmarks
+                          else None)
+        else:
+            images.append(job.source)
+            points.append(lmk.lookup(table, job.source) if table else None)
+    if table:
+        missing = [j.source for j, p in zip(jobs, points) if p is None]
+        if missing:
+            note(f"{len(missing)} input(s) have no entry in {args.landmarks} "
+                 f"(e.g. {missing[0]})")
+
+    failures: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), unit="img", desc=f"parsing ({parser.variant.name})",
+               disable=args.quiet or None, dynamic_ncols=True)
+    try:
+        for result in parser.parse_iter(images, points, with_probabilities="probs" in save):
+            job = jobs[result.index]
+            if result.error:
+                failures.append((job.source, result.error))
+                tqdm.write(f"skipped {result.error}", file=sys.stderr)
+            else:
+                try:
+                    write_outputs(job, result, parser, save, weights_note)
+                except OSError as e:
+                    failures.append((job.source, f"cannot write outputs: {e}"))
+                    tqdm.write(f"failed {job.source}: cannot write outputs ({e})",
+                               file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    parsed = len(jobs) - len(failures)
+    rate = parsed / elapsed if elapsed > 0 else 0.0
+    summary = (f"parsed {parsed} of {len(jobs)} image(s) with {parser.variant.name} in "
+               f"{elapsed:.1f} s ({rate:.2f} img/s; set-up {setup_s:.1f} s); outputs in {out_dir}")
+    if skipped:
+        summary += f"; {len(skipped)} already done (--skip-existing)"
+    if weights_note.get("random"):
+        summary += "; RANDOM WEIGHTS: the masks are meaningless"
+    print(summary)
+    if failures:
+        print(f"{len(failures)} input(s) failed:", file=sys.stderr)
+        for source, why in failures:
+            print(f"  {why if why.startswith(source) else f'{source}: {why}'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _weights_or_seeded(variant_name: str, revision: str | None) -> tuple[str | None, dict]:
+    # --allow-random-weights: the release if reachable, else a seeded release-format file.
+    from segface_jax import hub
+    from segface_jax.variants import get_variant
+
+    v = get_variant(variant_name)
+    try:
+        return str(hub.download_release(v, revision)), {}
+    except hub.WeightsUnavailableError as e:
+        reason = e.reason
+    try:
+        from segface_jax.convert.parity import seeded_release
+    except ModuleNotFoundError as e:
+        raise hub.WeightsUnavailableError(
+            f"the hub is unreachable ({reason}) and the seeded fallback needs PyTorch ({e.name} "
+            "is missing): pip install 'segface-jax[convert]'") from None
+    print(f"Hugging Face hub unreachable ({reason}); using a seeded release-format checkpoint "
+          "with RANDOM weights instead (--allow-random-weights): the masks are meaningless")
+    directory = hub.cache_dir() / "seeded"
+    path = directory / f"{v.name}_seed0.pt"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".seeded-", dir=directory))
+        try:
+            os.replace(seeded_release(v, tmp), path)
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path), {"random": True, "file": str(path)}
