@@ -18,10 +18,15 @@ def bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, 
     """Source indices (i0, i1) and the weight of i1 for torch's bilinear resize along one axis.
 
     ``interpolate(mode='bilinear', align_corners=False)`` without antialias: source coordinate
-    (dst + 0.5) * in / out - 0.5, clamped at 0.
+    (dst + 0.5) * in / out - 0.5, clamped at 0. Computed as torch's CPU kernel does: a float32
+    scale and one fused multiply-add rounded to float32 (emulated exactly in float64), so the
+    weights are torch's to the bit; float64 coordinates would move them by up to 1 ulp of the
+    source coordinate, i.e. ~1e-5 of a logit step at 224 px.
     """
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
-    src = np.maximum(src, 0.0)
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    src = (scale * dst.astype(np.float64) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     return i0, i1, (src - i0).astype(np.float32)

@@ -67,3 +67,12 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> Path:
     """Save a (possibly modified) state_dict in the release layout."""
     torch.save({"epoch": 299, "state_dict_backbone": state}, path)
     return path
+
+
+@functools.cache
+def converted(variant: str) -> Path:
+    """The seeded release file of ``variant`` converted into the session's segface-jax cache."""
+    from segface_jax.hub import converted_checkpoint
+
+    return converted_checkpoint(release_file(KIND_OF_VARIANT[variant]), get_variant(variant),
+                                quiet=True)

@@ -1,0 +1,236 @@
+"""FaceParser: any image sizes and kinds, fixed compiled shapes, landmarks, Helen crops, caching.
+
+The models are the session's seeded release-format checkpoints (tests/release.py), converted
+through the same cache the parser uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import segface_jax
+from segface_jax import hub, postprocess, preprocess
+from segface_jax import landmarks as lmk
+from segface_jax.align import STANDARD_FACE_POINTS
+from segface_jax.checkpoint import CheckpointError, load
+from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut
+from segface_jax.parser import FaceParser
+from segface_jax.variants import HUB_REPO, UnknownVariantError, get_variant
+from tests import release
+from tests.test_inputs import FIVE, _68_points, _106_points
+
+
+@pytest.fixture(scope="module")
+def celeba():
+    return FaceParser(load(release.converted("swinb_celeba_224")), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def lapa():
+    return FaceParser(load(release.converted("swinb_lapa_224")), batch_size=2)
+
+
+def _direct_labels(model, rgb: np.ndarray, lm: np.ndarray | None = None) -> np.ndarray:
+    # The model on one image resized to R, logits resized back: the parser's contract.
+    x = preprocess.normalize(preprocess.resize_rgb(rgb, model.resolution))[None]
+    logits = np.asarray(model(x, landmarks=None if lm is None else lm[None]))[0]
+    return postprocess.labels_at_size(logits, rgb.shape[:2])[0]
+
+
+def test_resize_back_matches_torch_interpolate():
+    """Our host-side resize against torch's ``interpolate`` (what upstream's evaluation uses)."""
+    logits = np.random.default_rng(0).normal(size=(224, 224, 19)).astype(np.float32)
+    for hw in [(512, 512), (300, 200), (50, 80), (224, 224), (1000, 37)]:
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(logits).permute(2, 0, 1)[None], size=hw, mode="bilinear",
+            align_corners=False)[0].permute(1, 2, 0).numpy()
+        ours = postprocess.resize_logits(logits, hw)
+        # two float32 lerps in a different association than torch's: a few ulps of |x| <= 5
+        np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=0)
+
+
+def test_mixed_sizes_and_kinds_compile_one_batch_shape(celeba, tmp_path):
+    rgb = astronaut()
+    Image.fromarray(rgb[:300, :200]).save(tmp_path / "crop.png")
+    gray16 = (rgb[..., 1].astype(np.uint16) * 257)[::3, ::2]
+    rgba = np.concatenate([rgb[100:, 50:], np.full((412, 462, 1), 255, np.uint8)], axis=2)
+    images = [rgb, str(tmp_path / "crop.png"), Image.fromarray(rgb[:50, :80]), gray16, rgba,
+              rgb[::-1], rgb[200:, :]]
+    before = celeba.model._forward._cache_size()
+    result = celeba(images)
+    # 7 images at batch size 4: one full batch and one padded from 3 to 4, a single shape
+    assert celeba.model._forward._cache_size() - before <= 1
+    shapes = [(512, 512), (300, 200), (50, 80), (171, 256), (412, 462), (512, 512), (312, 512)]
+    assert [lab.shape for lab in result.labels] == shapes
+    assert all(lab.dtype == np.uint8 for lab in result.labels)
+    assert result.class_names == get_variant("swinb_celeba_224").classes
+    # each result is the model run on that image alone: batching, padding and order are exact
+    for i in (0, 1, 3, 6):
+        expected = _direct_labels(celeba.model, preprocess.to_rgb(images[i]))
+        assert float((result.labels[i] == expected).mean()) >= 0.9999, i
+    over = result.overlay(2)
+    assert over.shape == (50, 80, 3) and over.dtype == np.uint8
+    areas = result.areas(0)
+    assert sum(a["pixels"] for a in areas.values()) == 512 * 512
+
+
+def test_probabilities_and_single_image(celeba):
+    rgb = astronaut()[:200, :260]
+    result = celeba(rgb, return_probabilities=True)
+    probs = result.probabilities[0]
+    assert probs.shape == (200, 260, 19) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(-1), result.labels[0])
+    assert celeba([rgb]).probabilities is None
+
+
+def test_bad_input_raises_naming_it(celeba, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(preprocess.ImageError, match="bad.jpg"):
+        celeba([astronaut(), str(tmp_path / "bad.jpg")])
+    out = list(celeba.parse_iter([str(tmp_path / "bad.jpg"), astronaut()[:64, :64]]))
+    assert out[0].error and out[0].labels is None and out[1].labels.shape == (64, 64)
+
+
+def test_lapa_landmark_formats_give_identical_results(lapa):
+    rgb = astronaut()
+    lm5 = ASTRONAUT_LANDMARKS
+    with pytest.warns(UserWarning, match="no landmarks given"):  # for the fourth image
+        result = lapa([rgb, rgb, rgb, rgb[:, ::-1]],
+                      landmarks=[lm5, _106_points(lm5), _68_points(lm5), None])
+    assert (result.labels[0] == result.labels[1]).all()
+    # the 68-point eye centres are float32 means of six points: ~1e-5 px from the 5-point ones
+    assert float((result.labels[0] == result.labels[2]).mean()) >= 0.9999
+    # explicit landmarks equal the model called directly with them scaled to R
+    r = lapa.variant.resolution
+    expected = _direct_labels(lapa.model, rgb, lm5 * r / 512)
+    assert float((result.labels[0] == expected).mean()) >= 0.9999
+
+
+def test_lapa_without_landmarks_assumes_an_aligned_crop_and_says_so_once(tmp_path):
+    notes: list[str] = []
+    parser = FaceParser(load(release.converted("swinb_lapa_224")), batch_size=2,
+                        notify=notes.append)
+    crop = preprocess.resize_rgb(astronaut()[0:256, 94:350], 224)
+    first = parser([crop, crop])
+    parser([crop])
+    assert len(notes) == 1 and "aligned" in notes[0]
+    standard = ((STANDARD_FACE_POINTS + 1) * (224 - 1) / 2).astype(np.float32)
+    expected = _direct_labels(parser.model, crop, standard)
+    assert float((first.labels[0] == expected).mean()) >= 0.9999
+    with pytest.raises(lmk.LandmarkError, match="<image 0>"):
+        parser([crop], landmarks=[np.zeros((7, 2))])
+    with pytest.raises(lmk.LandmarkError, match="one per image"):
+        parser([crop, crop], landmarks=[FIVE])
+
+
+def test_helen_crop_from_68_points_and_paste_back():
+    parser = FaceParser(load(release.converted("swinb_helen_512")), batch_size=1)
+    rgb = astronaut()
+    pts = _68_points(ASTRONAUT_LANDMARKS)
+    pts[:17] = np.linspace([150, 60], [300, 220], 17)  # a jaw line that widens the box
+    box = lmk.helen_crop_box(pts, (512, 512))
+    result = parser([rgb], landmarks=[pts], return_probabilities=True)
+    labels = result.labels[0]
+    x1, y1, x2, y2 = box
+    outside = np.ones((512, 512), bool)
+    outside[y1:y2, x1:x2] = False
+    assert labels.shape == (512, 512) and (labels[outside] == 0).all()
+    assert (result.probabilities[0][outside][:, 0] == 1).all()
+    crop = rgb[y1:y2, x1:x2]
+    expected = _direct_labels(parser.model, crop)
+    assert float((labels[y1:y2, x1:x2] == expected).mean()) >= 0.9999
+    five_only = parser([rgb], landmarks=[ASTRONAUT_LANDMARKS]).labels[0]  # no crop: whole image
+    assert float((five_only == _direct_labels(parser.model, rgb)).mean()) >= 0.9999
+
+
+def test_bfloat16_parser_agrees_with_float32(celeba):
+    """bfloat16 compute on the full astronaut photo, against our own float32 run."""
+    bf16 = FaceParser(load(release.converted("swinb_celeba_224"), dtype="bfloat16"))
+    rgb = astronaut()
+    agreement = float((bf16(rgb).labels[0] == celeba(rgb).labels[0]).mean())
+    print(f"\nparser bfloat16 vs float32 argmax agreement: {100 * agreement:.2f}%")
+    # Measured 95.2% with these random weights, whose logits are near-tied (see
+    # test_parity_native.py: 94.7% on the face crop). Unrelated maps agree on ~1/19.
+    assert agreement >= 0.90
+
+
+def _fake_hub(root, variant: str, files: dict[str, bytes]) -> None:
+    # huggingface_hub's cache layout: refs/<name> -> commit, snapshots/<commit>/<path>
+    repo = root / "hub" / f"models--{HUB_REPO.replace('/', '--')}"
+    for ref, data in files.items():
+        commit = (ref * 40)[:40] if len(ref) < 40 else ref
+        if len(ref) < 40:
+            (repo / "refs").mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / ref).write_text(commit)
+        target = repo / "snapshots" / commit / variant / "model_299.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("SEGFACE_JAX_CACHE", str(tmp_path / "cache"))
+    other = release.save_state_dict(release.state_dict("swin_celeba") | {
+        "pe_layer.positional_encoding_gaussian_matrix": torch.ones(2, 128)}, tmp_path / "o.pt")
+    _fake_hub(tmp_path, "swinb_celeba_224", {"main": release.release_file("swin_celeba")
+                                             .read_bytes(), "b" * 40: other.read_bytes()})
+    parser = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
+    assert "converting model_299.pt (swinb_celeba_224)" in capsys.readouterr().out
+    digest = hub.sha256_file(release.release_file("swin_celeba"))
+    assert parser.model.metadata["source"]["sha256"] == digest
+    pinned = FaceParser.from_pretrained("swinb_celeba_224", revision="b" * 40,
+                                        compilation_cache=False)
+    assert pinned.model.metadata["source"]["sha256"] == hub.sha256_file(other)
+    assert len(os.listdir(tmp_path / "cache" / "converted")) == 2
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr("segface_jax.convert.converter.convert_checkpoint", no_conversion)
+    capsys.readouterr()
+    again = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
+    assert again.model.metadata["source"]["sha256"] == digest
+    # the same file given by path hits the same cache entry
+    FaceParser.from_pretrained(release.release_file("swin_celeba"), variant="swinb_celeba_224",
+                               compilation_cache=False)
+    assert "converting" not in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "cache" / "converted")) == 2
+
+
+def test_offline_without_cache_names_the_file(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(hub.WeightsUnavailableError) as err:
+        FaceParser.from_pretrained("swinb_lapa_448", compilation_cache=False)
+    text = str(err.value)
+    assert "HF_HUB_OFFLINE" in text and "swinb_lapa_448/model_299.pt" in text
+    assert f"huggingface-cli download {HUB_REPO} swinb_lapa_448/model_299.pt" in text
+    assert "--weights" in text
+
+
+def test_from_pretrained_path_errors(tmp_path):
+    with pytest.raises(UnknownVariantError, match="released variants"):
+        FaceParser.from_pretrained("swinb_celeba_999")
+    with pytest.raises(CheckpointError, match="no such file"):
+        FaceParser.from_pretrained(tmp_path / "missing.pt")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="not a segface-jax checkpoint"):
+        FaceParser.from_pretrained(tmp_path / "dir")
+    with pytest.raises(CheckpointError, match="holds variant 'swinb_celeba_224'"):
+        FaceParser.from_pretrained(release.converted("swinb_celeba_224"),
+                                   variant="swinb_lapa_224")
+    # a release .pt without --variant: inferred when the keys say it, asked for otherwise
+    ambiguous = shutil.copy(release.release_file("swin_lapa"), tmp_path / "lapa.pt")
+    with pytest.raises(Exception, match="--variant"):
+        FaceParser.from_pretrained(ambiguous)
+    assert isinstance(segface_jax.FaceParser, type)
