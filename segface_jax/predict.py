@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -181,6 +182,10 @@ def run_predict(args) -> int:
         done = {p for p in existing}
         skipped = [j for j in jobs if all(p in done for p in j.outputs(save).values())]
         jobs = [j for j in jobs if j not in skipped]
+
+    # Large images are read and post-processed in chunks; PIL's warning between its limit and
+    # twice it (where it refuses, and we skip the file with the reason) would only be noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     def note(msg: str) -> None:
         tqdm.write(f"note: {msg}", file=sys.stderr)
