@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="segface-out", help="output folder (default: segface-out)")
     r.add_argument("--landmarks", help="JSON {image: [[x, y], ...]} (5, 68 or 106 points), a "
                    "folder of <stem>.txt files, or one .txt for a single image")
+    r.add_argument("--detect-landmarks", action="store_true",
+                   help="LaPa: find the 5 points with MediaPipe for images without landmarks "
+                   "(pip install 'segface-jax[detect]')")
     r.add_argument("--batch-size", type=int, default=8, help="images per forward pass "
                    "(compiled once per power of two up to it; default 8)")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

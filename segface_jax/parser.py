@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -115,7 +116,8 @@ class FaceParser:
     """Parse faces in images of any size with one SegFace model (see the module docstring)."""
 
     def __init__(self, model: LoadedModel, batch_size: int = 8, num_threads: int = 4,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None,
+                 detector: Callable[[np.ndarray], Any] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -125,17 +127,23 @@ class FaceParser:
         self.num_threads = max(1, num_threads)
         self._notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
         self._said_no_landmarks = False
+        # LaPa: landmarks for images given without any (see segface_jax.detect); called under a
+        # lock because detectors are rarely thread-safe
+        self.detector = detector
+        self._detector_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, variant: str | None = None,
                         dtype: Any = None, revision: str | None = None, batch_size: int = 8,
                         compilation_cache: bool = True, quiet: bool = False,
-                        notify: Callable[[str], None] | None = None) -> FaceParser:
+                        notify: Callable[[str], None] | None = None,
+                        detector: Callable[[np.ndarray], Any] | None = None) -> FaceParser:
         """A parser for a released variant name, a release ``.pt`` or a converted directory.
 
         Variant names download ``kartiknarayan/SegFace/<variant>/model_299.pt`` (huggingface_hub;
         HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and convert it once into the cache.
-        ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters.
+        ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters. ``detector`` finds
+        landmarks for LaPa inputs given without any (``segface_jax.detect``).
         """
         from segface_jax import hub
 
@@ -158,7 +166,8 @@ class FaceParser:
         else:
             raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint; "
                                   "pass a release model_299.pt or a `segface-jax convert` output")
-        return cls(load(ckpt, dtype=dtype), batch_size=batch_size, notify=notify)
+        return cls(load(ckpt, dtype=dtype), batch_size=batch_size, notify=notify,
+                   detector=detector)
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -167,6 +176,11 @@ class FaceParser:
         out = Parsed(index, source)
         try:
             rgb = preprocess.to_rgb(item, source)
+            if points is None and self.detector is not None and self.variant.needs_landmarks:
+                with self._detector_lock:
+                    points = self.detector(rgb)
+                if points is None:
+                    raise lmk.LandmarkError(f"{source}: the landmark detector found no face")
             five = None if points is None else lmk.to_five(points, f"landmarks of {source}")
         except (preprocess.ImageError, lmk.LandmarkError) as e:
             out.error, out.exception = str(e), e
@@ -245,7 +259,7 @@ class FaceParser:
                                     "images; pass one per image (None where there are none)")
         points = list(landmarks) if landmarks is not None else [None] * len(items)
         if self.variant.needs_landmarks and any(p is None for p in points) \
-                and not self._said_no_landmarks:
+                and self.detector is None and not self._said_no_landmarks:
             self._said_no_landmarks = True
             self._notify(NO_LANDMARKS_NOTE.format(variant=self.variant.name))
         done: dict[int, Parsed] = {}

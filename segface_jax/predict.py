@@ -195,9 +195,15 @@ def run_predict(args) -> int:
     weights = args.weights
     if weights is None and args.allow_random_weights:
         weights, weights_note = _weights_or_seeded(args.variant, args.revision)
+    detector = None
+    if args.detect_landmarks:
+        from segface_jax.detect import MediaPipeDetector
+
+        detector = MediaPipeDetector()
     parser = FaceParser.from_pretrained(weights or args.variant, variant=args.variant,
                                         dtype=args.dtype, revision=args.revision,
-                                        batch_size=args.batch_size, notify=note)
+                                        batch_size=args.batch_size, notify=note,
+                                        detector=detector)
     weights_note.setdefault("sha256", parser.model.metadata.get("source", {}).get("sha256"))
     weights_note.setdefault("random", False)
     setup_s = time.perf_counter() - t_setup

@@ -192,3 +192,25 @@ def test_collect_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no images"):
         collect_inputs([str(tmp_path / "empty")], out)
+
+
+def test_mediapipe_detector_explains_what_is_missing(tmp_path, monkeypatch):
+    import sys
+    import urllib.request
+
+    from segface_jax import detect
+
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # the extra is not installed
+    with pytest.raises(lmk.LandmarkError, match=r"segface-jax\[detect\]"):
+        detect.MediaPipeDetector()
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("SEGFACE_JAX_CACHE", str(tmp_path))
+    with pytest.raises(lmk.LandmarkError) as err:
+        detect.mediapipe_model()
+    assert detect.MEDIAPIPE_MODEL_URL in str(err.value)
+    assert str(tmp_path / "mediapipe" / "face_landmarker.task") in str(err.value)
+    assert not list((tmp_path / "mediapipe").iterdir())  # no partial file left

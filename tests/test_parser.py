@@ -234,3 +234,32 @@ def test_from_pretrained_path_errors(tmp_path):
     with pytest.raises(Exception, match="--variant"):
         FaceParser.from_pretrained(ambiguous)
     assert isinstance(segface_jax.FaceParser, type)
+
+
+def test_detector_supplies_missing_landmarks():
+    """A detector (any callable) is used for LaPa images given without landmarks."""
+    from segface_jax.detect import mesh_to_five
+
+    mesh = np.random.default_rng(0).uniform(0, 500, (478, 2)).astype(np.float32)
+    # iris centres and mouth corners given right-to-left: the mapping orders them by x
+    mesh[468], mesh[473] = ASTRONAUT_LANDMARKS[1], ASTRONAUT_LANDMARKS[0]
+    mesh[1], mesh[61], mesh[291] = ASTRONAUT_LANDMARKS[2], ASTRONAUT_LANDMARKS[4], \
+        ASTRONAUT_LANDMARKS[3]
+    np.testing.assert_array_equal(mesh_to_five(mesh), ASTRONAUT_LANDMARKS)
+
+    calls: list[tuple[int, ...]] = []
+
+    def detector(rgb):
+        calls.append(rgb.shape)
+        return mesh_to_five(mesh) if rgb.shape[0] == 512 else None  # "no face" in the crop
+
+    notes: list[str] = []
+    parser = FaceParser(load(release.converted("swinb_lapa_224")), batch_size=2,
+                        notify=notes.append, detector=detector)
+    rgb = astronaut()
+    out = list(parser.parse_iter([rgb, rgb[:100, :100], rgb], [None, None, ASTRONAUT_LANDMARKS]))
+    assert calls == [(512, 512, 3), (100, 100, 3)]  # not called where landmarks were given
+    assert not notes  # nothing is assumed when a detector is there
+    assert "found no face" in out[1].error
+    np.testing.assert_array_equal(out[0].landmarks, ASTRONAUT_LANDMARKS)
+    assert (out[0].labels == out[2].labels).all()
