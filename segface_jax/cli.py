@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detect-landmarks", action="store_true",
                    help="LaPa: find the 5 points with MediaPipe for images without landmarks "
                    "(pip install 'segface-jax[detect]')")
-    r.add_argument("--batch-size", type=int, default=8, help="images per forward pass "
-                   "(compiled once per power of two up to it; default 8)")
+    r.add_argument("--batch-size", type=int, default=None, help="images per forward pass, "
+                   "compiled once per power of two up to it (default: 1 on CPU, 8 on GPU/TPU)")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (parameters stay float32)")
     r.add_argument("--save", default="labels,overlay,json",

@@ -115,9 +115,11 @@ def _batch_buckets(batch_size: int) -> list[int]:
 class FaceParser:
     """Parse faces in images of any size with one SegFace model (see the module docstring)."""
 
-    def __init__(self, model: LoadedModel, batch_size: int = 8, num_threads: int = 4,
+    def __init__(self, model: LoadedModel, batch_size: int | None = None, num_threads: int = 4,
                  notify: Callable[[str], None] | None = None,
                  detector: Callable[[np.ndarray], Any] | None = None):
+        if batch_size is None:  # measured: on CPU, batch 1 has the best throughput (README)
+            batch_size = 1 if jax.default_backend() == "cpu" else 8
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -134,7 +136,8 @@ class FaceParser:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: Any = None, revision: str | None = None, batch_size: int = 8,
+                        dtype: Any = None, revision: str | None = None,
+                        batch_size: int | None = None,
                         compilation_cache: bool = True, quiet: bool = False,
                         notify: Callable[[str], None] | None = None,
                         detector: Callable[[np.ndarray], Any] | None = None) -> FaceParser:
@@ -301,8 +304,10 @@ class FaceParser:
         ``landmarks``: one entry per image, each 5, 68 or 106 (x, y) pixel points or None.
         Raises ``ImageError`` / ``LandmarkError`` naming the first input that cannot be used.
         """
-        single = isinstance(images, str | os.PathLike) or not isinstance(images, Sequence) \
-            or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
+        from PIL import Image
+
+        single = isinstance(images, str | os.PathLike | Image.Image) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3))
         items = [images] if single else list(images)
         if single and landmarks is not None:
             landmarks = [landmarks]

@@ -162,6 +162,8 @@ def run_predict(args) -> int:
     if unknown or not save:
         raise InputError(f"--save: unknown output kind(s) {', '.join(unknown) or '(none)'}; "
                          f"choose from {','.join(SAVE_KINDS)}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     out_dir = Path(args.out)
     inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
     jobs = collect_inputs(inputs, out_dir)

@@ -88,6 +88,8 @@ def test_probabilities_and_single_image(celeba):
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(probs.argmax(-1), result.labels[0])
     assert celeba([rgb]).probabilities is None
+    batch = np.stack([rgb, rgb[::-1]])  # an (N, H, W, 3) array is N images, so is a generator
+    assert len(celeba(batch)) == 2 and len(celeba(im for im in batch)) == 2
 
 
 def test_bad_input_raises_naming_it(celeba, tmp_path):

@@ -154,6 +154,8 @@ def test_lapa_landmarks_file_and_usage_errors(tmp_path, capsys):
     assert rc == 2 and "single-image .txt" in err
     rc, _, err = _run(capsys, tmp_path / "a.png", *common, "--save", "labels,masks")
     assert rc == 2 and "unknown output kind(s) masks" in err
+    rc, _, err = _run(capsys, tmp_path / "a.png", *common, "--batch-size", "0")
+    assert rc == 2 and "--batch-size must be >= 1" in err
     rc, _, err = _run(capsys, tmp_path / "*.webp", *common)
     assert rc == 2 and "matches no files" in err
     rc, _, err = _run(capsys, tmp_path / "a.png", *common[:2], "--weights", tmp_path / "x.pt",
