@@ -46,6 +46,27 @@ def _export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from segface_jax.train.check import run_check
+
+    return run_check(args)
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from segface_jax.train.tfds_builders import build
+
+    b = build(args.dataset, args.root, args.data_dir)
+    sizes = ", ".join(f"{name} {info.num_examples}" for name, info in b.info.splits.items())
+    print(f"built {b.data_dir} (array_record): {sizes}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from segface_jax.train.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _variants(args: argparse.Namespace) -> int:
     print(f"{'variant':26} {'backbone':20} {'dataset':14} {'res':>4} {'classes':>7} {'mean F1':>8}")
     for v in VARIANTS.values():
@@ -129,6 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", help="hub revision of the weights")
     e.set_defaults(func=_export)
 
+    datasets = ["celebamask_hq", "lapa", "helen"]
+    d = sub.add_parser("data", help="check a dataset folder or build its TFDS files")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="report missing images, masks and landmark files")
+    dc.add_argument("--dataset", required=True, choices=datasets)
+    dc.add_argument("--root", required=True, help="the dataset folder in its release layout")
+    dc.add_argument("--split", default="all", help="train, val, test or all (default)")
+    dc.add_argument("--decode", action="store_true", help="also open every file")
+    dc.set_defaults(func=_data_check)
+    db = dsub.add_parser("build", help="TFDS array_record files from the release layout")
+    db.add_argument("--dataset", required=True, choices=datasets)
+    db.add_argument("--root", required=True, help="the dataset folder (TFDS manual_dir)")
+    db.add_argument("--data-dir", required=True, help="TFDS data directory to write")
+    db.set_defaults(func=_data_build)
+
+    ev = sub.add_parser("eval", help="upstream's test metrics for a variant on a dataset")
+    ev.add_argument("--variant", required=True, help="released variant name")
+    ev.add_argument("--weights", help="release model_299.pt or converted directory "
+                    "(default: download the variant's release file)")
+    ev.add_argument("--dataset", required=True, choices=datasets)
+    ev.add_argument("--root", help="dataset folder in its release layout")
+    ev.add_argument("--data-dir", help="read the TFDS build in this directory instead")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="global batch, rounded up to a multiple of the device count")
+    ev.add_argument("--workers", type=int, default=0, help="grain decoding processes")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ev.add_argument("--revision", help="hub revision of the weights")
+    ev.add_argument("--out", help="report folder (default: eval-<variant>-<split>)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
+
     v = sub.add_parser("variants", help="list the released variants")
     v.set_defaults(func=_variants)
     return p
@@ -145,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     known: tuple[type[Exception], ...] = (CheckpointError, ImageError, UnknownVariantError,
                                           NotImplementedError, LandmarkError, InputError)
     try:
+        from segface_jax.train.data import DataError
+        known += (DataError,)
+    except ImportError:  # the train extra is not installed
+        pass
+    try:
         from segface_jax.convert.converter import ConversionError
         known += (ConversionError,)
     except ImportError:  # torch not installed: only the torch-free commands can run
@@ -155,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segface-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
+        if e.name in ("grain", "tensorflow_datasets", "array_record"):
+            print(f"segface-jax {args.command}: error: needs {e.name}; install the train "
+                  "extra: pip install 'segface-jax[train]'", file=sys.stderr)
+            return 2
         if e.name in ("torch", "torchvision", "segment_anything", "skimage"):
             print(f"segface-jax {args.command}: error: needs {e.name}; install the converter "
                   "extra: pip install 'segface-jax[convert]'", file=sys.stderr)

@@ -33,6 +33,11 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def upright_rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PIL image with its EXIF orientation applied (as OpenCV reads)."""
+    return _pil_to_rgb(ImageOps.exif_transpose(im))
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """(H, W, 3) uint8 RGB from any image file PIL reads, upright (EXIF orientation applied).
 
@@ -43,7 +48,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return _pil_to_rgb(ImageOps.exif_transpose(im))
+            return upright_rgb(im)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -1,0 +1,1 @@
+"""Datasets, input pipelines, metrics and evaluation (installed as ``segface_jax.train``)."""

@@ -1,0 +1,216 @@
+"""``segface-jax eval``: upstream's test protocol, sharded over every device of every process.
+
+Batches are split over a ``("data",)`` mesh; each device runs the model on its rows, takes the
+argmax and counts its confusion matrix, and the sum over devices comes back replicated (XLA
+inserts the all-reduce). Writes ``metrics.json``, ``metrics.md`` (next to the paper's mean F1)
+and ``confusion.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image, ImageDraw
+
+from segface_jax.checkpoint import LoadedModel
+from segface_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from segface_jax.train import metrics
+
+
+def data_mesh() -> jax.sharding.Mesh:
+    """A 1-D ``("data",)`` mesh over all devices of all processes (automatic sharding: XLA
+    propagates the batch sharding through the model)."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def normalize_on_device(images: jnp.ndarray) -> jnp.ndarray:
+    """(..., 3) uint8 -> float32 ImageNet-normalised, inside jit (batches travel as uint8)."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
+    """jit: (state, uint8 images, labels, landmarks) -> (C, C) int32 confusion matrix."""
+    from flax import nnx
+
+    graphdef = nnx.graphdef(model.module)
+    c, r = model.variant.num_classes, model.resolution
+    batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    @functools.partial(jax.jit, in_shardings=(replicated, batch, batch, batch),
+                       out_shardings=replicated)
+    def step(state, images, labels, landmarks):
+        module = nnx.merge(graphdef, state)
+        lm = landmarks if model.variant.needs_landmarks else None
+        logits = module(normalize_on_device(images), lm)
+        if logits.shape[1:3] != (r, r):  # upstream resizes to R; the models already output R
+            logits = jax.image.resize(logits, (logits.shape[0], r, r, c), "bilinear",
+                                      antialias=False)
+        return metrics.confusion_matrix_device(labels, jnp.argmax(logits, -1), c)
+
+    return step
+
+
+def evaluate(model: LoadedModel, source, dataset: str, batch_size: int = 8,
+             worker_count: int = 0, progress: bool = True) -> tuple[np.ndarray, int, float]:
+    """(confusion matrix, images counted, seconds) of ``model`` on ``source``.
+
+    ``batch_size`` is global; it is rounded up to a multiple of the device count.
+    """
+    from tqdm import tqdm
+
+    from segface_jax.train.pipeline import eval_batches
+
+    mesh = data_mesh()
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    global_batch = max(1, -(-batch_size // n_dev)) * n_dev
+    local_batch = global_batch // n_proc
+    steps, batches = eval_batches(source, dataset, model.resolution, local_batch,
+                                  worker_count=worker_count)
+    sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(model._state, NamedSharding(mesh, P()))
+    step = confusion_step(model, mesh)
+    cm = np.zeros((model.variant.num_classes,) * 2, np.int64)
+    counted = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps * global_batch, unit="img", desc=f"eval {model.variant.name}",
+               disable=not progress or jax.process_index() != 0)
+    pending = None
+    for b in batches:
+        arrays = [jax.make_array_from_process_local_data(sharding, b[k])
+                  for k in ("image", "label", "landmarks")]
+        result = step(state, *arrays)  # asynchronous: the next batch decodes meanwhile
+        if pending is not None:
+            cm += np.asarray(pending)
+        pending = result
+        counted += int(b["valid"].sum())
+        bar.update(global_batch)
+    if pending is not None:
+        cm += np.asarray(pending)
+    bar.close()
+    counted = int(_sum_over_processes(counted))
+    return cm, counted, time.perf_counter() - t0
+
+
+def _sum_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.array([value]))))
+
+
+def paper_table(report: dict, variant_name: str, paper_f1: float | None) -> str:
+    """Markdown: our figures next to the paper's mean F1 for the variant."""
+    lines = [f"# {variant_name} on {report['dataset']} ({report['split']}, "
+             f"{report['images']} images)", "",
+             "| metric | segface-jax | paper |", "|---|---:|---:|"]
+    paper = f"{paper_f1:.2f}" if paper_f1 is not None else "-"
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines.append(f"| mean F1 (no background) | {fmt(report['mean_f1'])} | {paper} |")
+    for key, label in (("pixel_accuracy", "pixel accuracy"), ("mean_accuracy", "mean accuracy"),
+                       ("miou", "mIoU")):
+        lines.append(f"| {label} | {fmt(report[key])} | - |")
+    for name, value in report.get("helen", {}).items():
+        lines.append(f"| F1 {name} (merged) | {fmt(value)} | - |")
+    lines += ["", "| class | F1 | IoU |", "|---|---:|---:|"]
+    for name, f1 in report["f1"].items():
+        lines.append(f"| {name} | {fmt(f1)} | {fmt(report['iou'][name])} |")
+    if report["absent_classes"]:
+        lines += ["", "Absent from labels and predictions (F1 undefined, left out of the mean): "
+                  + ", ".join(report["absent_classes"])]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_png(cm: np.ndarray, class_names: Sequence[str], cell: int = 28) -> Image.Image:
+    """A row-normalised confusion-matrix heatmap (rows: ground truth) with class names."""
+    cm = np.asarray(cm, np.float64)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n, margin = len(class_names), 8 * max(len(c) for c in class_names) + 12
+    size = margin + n * cell + 4
+    im = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for i in range(n):
+        draw.text((4, margin + i * cell + cell // 3), class_names[i], fill=(0, 0, 0))
+        label = Image.new("RGB", (margin, cell), (255, 255, 255))
+        ImageDraw.Draw(label).text((4, cell // 3), class_names[i], fill=(0, 0, 0))
+        im.paste(label.rotate(90, expand=True), (margin + i * cell, 0))
+        for j in range(n):
+            v = rows[i, j]
+            shade = int(255 * (1 - v))
+            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1,
+                   margin + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255))
+            if v >= 0.005:
+                draw.text((box[0] + 2, box[1] + cell // 3), f"{100 * v:.0f}",
+                          fill=(255, 255, 255) if v > 0.5 else (0, 0, 0))
+    return im
+
+
+def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1) -> None:
+    """metrics.json, metrics.md and confusion.png, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def atomic(name: str, write) -> None:
+        tmp = out_dir / f".{name}.partial"
+        try:
+            write(tmp)
+            os.replace(tmp, out_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    atomic("metrics.json", lambda p: p.write_text(json.dumps(
+        {**report, "confusion_matrix": cm.tolist()}, indent=2) + "\n"))
+    atomic("metrics.md", lambda p: p.write_text(paper_table(report, variant.name, paper_f1)))
+    atomic("confusion.png", lambda p: confusion_png(cm, variant.classes).save(p, format="PNG"))
+
+
+def run_eval(args) -> int:
+    """The ``eval`` command."""
+    from segface_jax import hub
+    from segface_jax.checkpoint import load
+    from segface_jax.train import data
+    from segface_jax.variants import get_variant
+
+    v = get_variant(args.variant)
+    if args.dataset != v.dataset:
+        raise data.DataError(f"{v.name} was trained on {v.dataset}, not {args.dataset}; its "
+                             "classes would not match the labels")
+    if args.data_dir:
+        from segface_jax.train.tfds_builders import TFDSSource
+
+        source = TFDSSource(args.dataset, args.data_dir, args.split)
+    else:
+        if not args.root:
+            raise data.DataError("pass --root (the dataset folder) or --data-dir (built TFDS)")
+        source = data.open_source(args.dataset, args.root, args.split)
+    if len(source) == 0:
+        raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
+    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    cm, images, seconds = evaluate(model, source, args.dataset, args.batch_size, args.workers,
+                                   progress=not args.quiet)
+    report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
+              "images": images, "seconds": round(seconds, 2),
+              "weights_sha256": model.metadata.get("source", {}).get("sha256"),
+              **metrics.summarize(cm, v.classes, helen=v.dataset == "helen")}
+    if jax.process_index() == 0:
+        out = Path(args.out or f"eval-{v.name}-{args.split}")
+        write_reports(out, report, cm, v, v.mean_f1)
+        mean = "n/a" if report["mean_f1"] is None else f"{report['mean_f1']:.2f}"
+        paper = f" (paper: {v.mean_f1:.2f})" if v.mean_f1 is not None else ""
+        print(f"{v.name} on {args.dataset} {args.split}: {images} images, mean F1 {mean}"
+              f"{paper}, mIoU {report['miou']:.2f}, pixel accuracy "
+              f"{report['pixel_accuracy']:.2f}; {images / max(seconds, 1e-9):.2f} img/s; "
+              f"reports in {out}")
+    return 0
