@@ -185,7 +185,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted_save)
     out = tmp_path / "c"
     rc = main(["convert", str(release.release_file("convnext_celeba")), str(out)])
-    assert rc == 130 and "nothing was written" in capsys.readouterr().err
+    assert rc == 130 and "no partial output was left behind" in capsys.readouterr().err
     _assert_nothing_written(out)
 
 

@@ -141,6 +141,9 @@ def confusion_png(cm: np.ndarray, class_names: Sequence[str], cell: int = 28) ->
     size = margin + n * cell + 4
     im = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(im)
+    draw.text((4, 4), "rows: ground truth", fill=(0, 0, 0))
+    draw.text((4, 16), "columns: prediction", fill=(0, 0, 0))
+    draw.text((4, 28), "cells: % of the row", fill=(0, 0, 0))
     for i in range(n):
         draw.text((4, margin + i * cell + cell // 3), class_names[i], fill=(0, 0, 0))
         label = Image.new("RGB", (margin, cell), (255, 255, 255))
