@@ -75,9 +75,10 @@ def _builder_class(dataset: str):
 
 
 def _has_split(dataset: str, root: Path, split: str) -> bool:
-    if dataset == "celebamask_hq":
-        return (root / "list_eval_partition.txt").is_file()
-    return (root / split).is_dir()
+    # a split with files (TFDS cannot write an empty split)
+    present = (root / "list_eval_partition.txt").is_file() if dataset == "celebamask_hq" \
+        else (root / split).is_dir()
+    return present and len(data.open_source(dataset, root, split)) > 0
 
 
 def _encoded_record(source, name: str) -> dict[str, Any]:
