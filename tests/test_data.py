@@ -188,6 +188,18 @@ def test_pipeline_is_deterministic_and_resumable(roots):
     assert batches(1, 3, workers=2, state=it.get_state())[0] == multi[1:]
 
 
+def test_training_shards_are_disjoint_and_cover_the_epoch(roots):
+    src = data.open_source("lapa", roots["lapa"], "train")  # 4 records, 2 per shard
+    seen = []
+    for shard in (0, 1):
+        it = iter(pipeline.train_loader(src, "lapa", 32, 1, seed=3, augment=False,
+                                        shard_index=shard, shard_count=2))
+        seen += [_digest(next(it)) for _ in range(2)]
+    direct = [_digest({k: v[None] for k, v in data.prepare(src[i], "lapa", 32).items()})
+              for i in range(4)]
+    assert sorted(seen) == sorted(direct)
+
+
 def test_eval_batches_shard_and_pad(roots):
     src = data.open_source("celebamask_hq", roots["celebamask_hq"], "test")  # 3 records
     seen = []
