@@ -57,7 +57,7 @@ def fill_module(module: nnx.Module, arrays: Mapping[str, Any]) -> nnx.Module:
         if tuple(value.shape) != tuple(want.shape):
             raise CheckpointError(f"parameter {key}: checkpoint shape {tuple(value.shape)}, "
                                   f"model expects {tuple(want.shape)}")
-        var.set_value(jnp.asarray(value, dtype=want.dtype))
+        var.set_value(jnp.array(value, dtype=want.dtype))  # a copy: never alias the caller's
     return nnx.merge(graphdef, state)
 
 

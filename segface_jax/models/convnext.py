@@ -6,17 +6,20 @@ Returns the outputs of the four stages (torchvision ``features[1, 3, 5, 7]``), N
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
 from segface_jax.models.layers import (
     Dtype,
+    depth_rates,
     depthwise_conv,
     gelu,
     layer_norm,
     linear,
     patchify_conv,
+    stochastic_depth,
 )
 
 _EPS = 1e-6  # every ConvNeXt LayerNorm (torchvision's LayerNorm2d and the block norm)
@@ -29,6 +32,7 @@ class ConvNeXtConfig:
     dims: tuple[int, ...] = (128, 256, 512, 1024)
     depths: tuple[int, ...] = (3, 3, 27, 3)
     kernel_size: int = 7
+    stochastic_depth_prob: float = 0.5  # training only; torchvision's default per preset
 
     @classmethod
     def base(cls) -> ConvNeXtConfig:
@@ -38,12 +42,12 @@ class ConvNeXtConfig:
     @classmethod
     def small(cls) -> ConvNeXtConfig:
         """torchvision ``convnext_small``."""
-        return cls(dims=(96, 192, 384, 768), depths=(3, 3, 27, 3))
+        return cls(dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), stochastic_depth_prob=0.4)
 
     @classmethod
     def tiny(cls) -> ConvNeXtConfig:
         """torchvision ``convnext_tiny``."""
-        return cls(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3))
+        return cls(dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), stochastic_depth_prob=0.1)
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
@@ -54,8 +58,8 @@ class ConvNeXtConfig:
 class ConvNeXtBlock(nnx.Module):
     """Depthwise 7x7 conv, LayerNorm, MLP with exact GELU, layer scale, residual."""
 
-    def __init__(self, dim: int, kernel_size: int, *, dtype: Dtype = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, kernel_size: int, drop_rate: float = 0.0, *,
+                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.dtype = dtype
         init = nnx.initializers.truncated_normal(0.02)
         self.dwconv_kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, dim),
@@ -65,12 +69,13 @@ class ConvNeXtBlock(nnx.Module):
         self.fc1 = linear(dim, 4 * dim, dtype, param_dtype, rngs)
         self.fc2 = linear(4 * dim, dim, dtype, param_dtype, rngs)
         self.layer_scale = nnx.Param(jnp.full((dim,), 1e-6, param_dtype))
+        self.drop_path = stochastic_depth(drop_rate)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dt = self.dtype or x.dtype
         y = depthwise_conv(x, self.dwconv_kernel[...].astype(dt), self.dwconv_bias[...].astype(dt))
         y = self.fc2(gelu(self.fc1(self.norm(y))))
-        return x + self.layer_scale[...].astype(dt) * y
+        return x + self.drop_path(self.layer_scale[...].astype(dt) * y)
 
 
 class Downsample(nnx.Module):
@@ -100,11 +105,14 @@ class Stem(nnx.Module):
 class ConvNeXtStage(nnx.Module):
     """A stack of ConvNeXt blocks at one resolution."""
 
-    def __init__(self, dim: int, depth: int, kernel_size: int, *, dtype: Dtype = None,
+    def __init__(self, dim: int, depth: int, kernel_size: int,
+                 drop_rates: Sequence[float] = (), *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        rates = list(drop_rates) or [0.0] * depth
         self.blocks = nnx.List([
-            ConvNeXtBlock(dim, kernel_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(depth)
+            ConvNeXtBlock(dim, kernel_size, rates[i], dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+            for i in range(depth)
         ])
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -121,8 +129,10 @@ class ConvNeXt(nnx.Module):
         self.cfg = cfg
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = Stem(cfg.dims[0], **kw)
+        rates = depth_rates(cfg.stochastic_depth_prob, cfg.depths, 1)
         self.stages = nnx.List([
-            ConvNeXtStage(d, n, cfg.kernel_size, **kw) for d, n in zip(cfg.dims, cfg.depths)
+            ConvNeXtStage(d, n, cfg.kernel_size, r, **kw)
+            for d, n, r in zip(cfg.dims, cfg.depths, rates)
         ])
         self.downsamples = nnx.List([
             Downsample(a, b, **kw) for a, b in zip(cfg.dims[:-1], cfg.dims[1:])

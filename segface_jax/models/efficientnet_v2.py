@@ -1,7 +1,7 @@
 """EfficientNetV2-M encoder, numerically identical to torchvision's ``efficientnet_v2_m``.
 
 Module indices mirror torchvision's ``features``; SegFace taps ``features[2, 3, 5, 8]``.
-Stochastic depth is the identity at inference.
+Stochastic depth (training only) follows torchvision's rates.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from segface_jax.models.layers import (
     Dtype,
     ResidualBlock,
     SqueezeExcitation,
+    depth_rates,
+    stochastic_depth,
     tapped_features,
 )
 from segface_jax.models.mobilenet_v3 import make_divisible
@@ -34,6 +36,7 @@ class EfficientNetV2Config:
     )
     last_channels: int = 1280
     taps: tuple[int, ...] = (2, 3, 5, 8)
+    stochastic_depth_prob: float = 0.2  # training only; torchvision's efficientnet_v2_m
 
     @classmethod
     def m(cls) -> EfficientNetV2Config:
@@ -50,10 +53,12 @@ class EfficientNetV2Config:
 class MBConv(ResidualBlock):
     """(Fused-)MBConv: expand (fused: k x k), [depthwise k x k, SE with SiLU], project, residual."""
 
-    def __init__(self, fused: bool, expand: int, k: int, stride: int, cin: int, cout: int, *,
-                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, fused: bool, expand: int, k: int, stride: int, cin: int, cout: int,
+                 drop_rate: float = 0.0, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.residual = stride == 1 and cin == cout
+        self.drop_path = stochastic_depth(drop_rate) if self.residual else None
         if fused:
             expanded = cin * expand
             if expanded != cin:
@@ -81,10 +86,11 @@ class EfficientNetV2(nnx.Module):
         self.cfg = cfg
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         stages = []
-        for fused, expand, k, stride, cin, cout, n in cfg.stages:
+        rates = depth_rates(cfg.stochastic_depth_prob, [s[6] for s in cfg.stages], 0)
+        for (fused, expand, k, stride, cin, cout, n), rate in zip(cfg.stages, rates):
             stages.append(nnx.List([
                 MBConv(fused, expand, k, stride if j == 0 else 1, cin if j == 0 else cout, cout,
-                       **kw) for j in range(n)
+                       rate[j], **kw) for j in range(n)
             ]))
         self.features = nnx.List([
             ConvBNAct(3, cfg.stages[0][4], 3, 2, act="silu", **_BN, **kw),

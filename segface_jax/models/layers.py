@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -174,18 +176,67 @@ class SqueezeExcitation(nnx.Module):
         return x * s
 
 
+def stochastic_depth(rate: float) -> nnx.Dropout:
+    """torchvision's ``StochasticDepth(rate, "row")`` for an NHWC residual branch.
+
+    In training, each sample's branch is dropped with probability ``rate`` and kept ones are
+    scaled by 1 / (1 - rate); at inference (the default, ``deterministic``) it is the identity.
+    ``set_training`` switches it and gives it a random stream; until then it holds no state.
+    """
+    return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=True)
+
+
+def depth_rates(prob: float, depths: Sequence[int], denominator_offset: int) -> list[list[float]]:
+    """Per-block stochastic-depth rates rising linearly with the block's global index.
+
+    torchvision: rate = prob * index / (total - 1) for Swin and ConvNeXt (offset 1), and
+    prob * index / total for EfficientNet (offset 0).
+    """
+    total = sum(depths) - denominator_offset
+    rates, index = [], 0
+    for n in depths:
+        rates.append([prob * (index + j) / total if total > 0 else 0.0 for j in range(n)])
+        index += n
+    return rates
+
+
+def set_training(model: nnx.Module, training: bool, rngs: nnx.Rngs | None = None) -> None:
+    """Switch BatchNorm to batch statistics and stochastic depth on (or both back off).
+
+    ``rngs`` (with a ``dropout`` stream) drives stochastic depth; it is required to train a
+    model that has any.
+    """
+    for _, module in model.iter_modules():
+        if isinstance(module, BatchNorm):
+            module.train_mode = training
+        elif isinstance(module, nnx.Dropout) and module.rate > 0:
+            module.deterministic = not training
+            if training:
+                if rngs is None:
+                    raise ValueError("this model has stochastic depth: pass rngs=nnx.Rngs("
+                                     "dropout=seed) to train it")
+                module.rngs = rngs.dropout
+            else:
+                module.rngs = None
+
+
 class ResidualBlock(nnx.Module):
     """Apply ``self.block`` (an nnx.List) in order; add the input when ``self.residual``.
 
     Base of torchvision's inverted-residual family (MobileNetV3, (Fused)MBConv), whose
-    subclasses set both in ``__init__``; stochastic depth is the identity at inference.
+    subclasses set both in ``__init__``; a subclass may set ``self.drop_path`` (stochastic
+    depth on the residual branch, identity at inference).
     """
+
+    drop_path: nnx.Dropout | None = None
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = x
         for layer in self.block:
             y = layer(y)
-        return x + y if self.residual else y
+        if not self.residual:
+            return y
+        return x + (self.drop_path(y) if self.drop_path is not None else y)
 
 
 def tapped_features(features: nnx.List, taps: tuple[int, ...], x: jnp.ndarray) -> list:

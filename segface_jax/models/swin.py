@@ -9,13 +9,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segface_jax.models.layers import Dtype, gelu, layer_norm, linear, patchify_conv
+from segface_jax.models.layers import (
+    Dtype,
+    depth_rates,
+    gelu,
+    layer_norm,
+    linear,
+    patchify_conv,
+    stochastic_depth,
+)
 
 _MASKED = -100.0  # torchvision's additive mask value for tokens from different shifted regions
 
@@ -31,6 +40,7 @@ class SwinConfig:
     patch_size: int = 4
     mlp_ratio: float = 4.0
     version: int = 1  # 2: cosine attention, continuous position bias, post-norm
+    stochastic_depth_prob: float = 0.5  # training only; torchvision's default per preset
 
     @classmethod
     def base(cls) -> SwinConfig:
@@ -55,12 +65,14 @@ class SwinConfig:
     @classmethod
     def small(cls) -> SwinConfig:
         """torchvision ``swin_s``."""
-        return cls(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+        return cls(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                   stochastic_depth_prob=0.3)
 
     @classmethod
     def tiny(cls) -> SwinConfig:
         """torchvision ``swin_t``."""
-        return cls(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+        return cls(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                   stochastic_depth_prob=0.2)
 
     @property
     def stage_dims(self) -> tuple[int, ...]:
@@ -197,8 +209,8 @@ class SwinBlock(nnx.Module):
     """Pre-norm Swin block: (shifted) window attention and an MLP, each with a residual."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float,
-                 version: int = 1, *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+                 version: int = 1, drop_rate: float = 0.0, *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.window_size = window_size
         self.shift = shift
         self.post_norm = version == 2
@@ -209,6 +221,7 @@ class SwinBlock(nnx.Module):
         hidden = int(dim * mlp_ratio)
         self.fc1 = linear(dim, hidden, dtype, param_dtype, rngs)
         self.fc2 = linear(hidden, dim, dtype, param_dtype, rngs)
+        self.drop_path = stochastic_depth(drop_rate)  # one module for both branches, as torch
 
     def _attention(self, x: jnp.ndarray) -> jnp.ndarray:
         b, h, w, _ = x.shape
@@ -230,11 +243,12 @@ class SwinBlock(nnx.Module):
         return x[:, :h, :w]
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        drop = self.drop_path
         if self.post_norm:  # v2: x + norm(f(x))
-            x = x + self.norm1(self._attention(x))
-            return x + self.norm2(self.fc2(gelu(self.fc1(x))))
-        x = x + self._attention(self.norm1(x))
-        return x + self.fc2(gelu(self.fc1(self.norm2(x))))
+            x = x + drop(self.norm1(self._attention(x)))
+            return x + drop(self.norm2(self.fc2(gelu(self.fc1(x)))))
+        x = x + drop(self._attention(self.norm1(x)))
+        return x + drop(self.fc2(gelu(self.fc1(self.norm2(x)))))
 
 
 def merge_patches(x: jnp.ndarray) -> jnp.ndarray:
@@ -264,12 +278,14 @@ class PatchMerging(nnx.Module):
 class SwinStage(nnx.Module):
     """A stack of Swin blocks alternating unshifted and shifted windows."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig, *,
-                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig,
+                 drop_rates: Sequence[float] = (), *, dtype: Dtype = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         ws = cfg.window_size
+        rates = list(drop_rates) or [0.0] * depth
         self.blocks = nnx.List([
             SwinBlock(dim, num_heads, ws, 0 if i % 2 == 0 else ws // 2, cfg.mlp_ratio,
-                      cfg.version, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                      cfg.version, rates[i], dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for i in range(depth)
         ])
 
@@ -300,8 +316,10 @@ class SwinTransformer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dims = cfg.stage_dims
         self.patch_embed = PatchEmbed(cfg.embed_dim, cfg.patch_size, **kw)
+        rates = depth_rates(cfg.stochastic_depth_prob, cfg.depths, 1)
         self.stages = nnx.List([
-            SwinStage(d, n, h, cfg, **kw) for d, n, h in zip(dims, cfg.depths, cfg.num_heads)
+            SwinStage(d, n, h, cfg, r, **kw)
+            for d, n, h, r in zip(dims, cfg.depths, cfg.num_heads, rates)
         ])
         self.merges = nnx.List([PatchMerging(d, cfg.version, **kw) for d in dims[:-1]])
 

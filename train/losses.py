@@ -1,0 +1,49 @@
+"""Upstream's training loss: 0.5 * cross-entropy + 0.5 * Dice, computed in float32.
+
+Cross-entropy is torch's ``CrossEntropyLoss()`` (mean over every pixel, no ignored label).
+Dice is upstream's: softmax probabilities p and one-hot targets t, per class
+1 - (2 sum(p t) + 1e-5) / (sum(p^2) + sum(t^2) + 1e-5) with the sums over a whole (per-GPU)
+batch, averaged over classes. Upstream trains with 4 images per GPU on 8 GPUs, so its Dice is
+a mean over groups of 4; ``dice_group`` reproduces that on any mesh (the step's gradient is
+then the same as upstream's data-parallel gradient).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DICE_SMOOTH = 1e-5
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Mean over all pixels of -log softmax(logits)[label]; (N, H, W, C), (N, H, W) -> ()."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)
+    return -picked.mean()
+
+
+def dice_loss(logits: jnp.ndarray, labels: jnp.ndarray, group: int | None = None) -> jnp.ndarray:
+    """Upstream's multi-class Dice loss, averaged over groups of ``group`` images.
+
+    (N, H, W, C) logits, (N, H, W) labels -> (). ``group=None``: one group (the whole batch).
+    """
+    n, c = logits.shape[0], logits.shape[-1]
+    group = group or n
+    if n % group:
+        raise ValueError(f"batch {n} is not a multiple of the Dice group size {group}")
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    t = jax.nn.one_hot(labels, c, dtype=jnp.float32)
+    p = p.reshape(n // group, -1, c)
+    t = t.reshape(n // group, -1, c)
+    inter = jnp.sum(p * t, axis=1)
+    dice = (2 * inter + DICE_SMOOTH) / (jnp.sum(p * p, 1) + jnp.sum(t * t, 1) + DICE_SMOOTH)
+    return jnp.mean(1.0 - dice)
+
+
+def segface_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                 dice_group: int | None = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(0.5 * CE + 0.5 * Dice, {"ce": ..., "dice": ...})."""
+    ce = cross_entropy(logits, labels)
+    dice = dice_loss(logits, labels, dice_group)
+    return 0.5 * ce + 0.5 * dice, {"ce": ce, "dice": dice}

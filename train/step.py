@@ -1,0 +1,79 @@
+"""The jitted training step: batch sharded over a ``("data",)`` mesh, state replicated, donated.
+
+The state is a pytree ``{"params", "rest", "opt", "step"}``: ``params`` are the trainable
+``nnx.Param`` leaves (float32 whatever the compute dtype), ``rest`` BatchNorm statistics and
+the stochastic-depth random stream, ``opt`` the optax state. Batches arrive as uint8 images,
+uint8 labels and float32 landmarks; normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from segface_jax.models.layers import set_training
+from segface_jax.train.evaluate import normalize_on_device
+from segface_jax.train.losses import segface_loss
+
+
+def split_for_training(model: nnx.Module, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
+    """Put ``model`` in training mode (seeded stochastic depth) and split it into
+    (graphdef, {"params", "rest"})."""
+    set_training(model, True, nnx.Rngs(dropout=seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # copies: the step donates its state, which must not delete the caller's model arrays
+    params, rest = jax.tree.map(lambda a: a.copy(), (params, rest))
+    return graphdef, {"params": params, "rest": rest}
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0):
+    """(graphdef, initial state) for ``train_step``."""
+    graphdef, parts = split_for_training(model, seed)
+    return graphdef, {**parts, "opt": tx.init(parts["params"]),
+                      "step": jnp.zeros((), jnp.int32)}
+
+
+def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group: int | None,
+                   needs_landmarks: bool):
+    """(loss, parts, new rest, grads) of one batch: the differentiable core of the step."""
+    x = normalize_on_device(batch["image"])
+    labels = batch["label"].astype(jnp.int32)
+    lm = batch["landmarks"] if needs_landmarks else None
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["rest"])
+        logits = model(x, lm)
+        loss, parts = segface_loss(logits, labels, dice_group)
+        return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    return loss, parts, rest, grads
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, *, dice_group: int | None,
+                    needs_landmarks: bool, lr_schedule: optax.Schedule | None = None):
+    """jit(state, batch) -> (state, metrics): batch sharded on ``data``, state replicated and
+    donated."""
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    @functools.partial(jax.jit, donate_argnums=0,
+                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    def step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
+        loss, parts, rest, grads = loss_and_grads(graphdef, state, batch, dice_group,
+                                                  needs_landmarks)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state["step"])
+        return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
+
+    return step
