@@ -67,6 +67,12 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from segface_jax.train.trainer import run_train
+
+    return run_train(args)
+
+
 def _variants(args: argparse.Namespace) -> int:
     print(f"{'variant':26} {'backbone':20} {'dataset':14} {'res':>4} {'classes':>7} {'mean F1':>8}")
     for v in VARIANTS.values():
@@ -182,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
+    t = sub.add_parser("train", help="train a SegFace recipe (configs/<variant>.py)")
+    t.add_argument("--config", required=True,
+                   help="a config file, e.g. configs/swinb_celeba_512.py")
+    t.add_argument("--workdir", help="checkpoints and logs (default: runs/<variant>)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data_root=/data/LaPa (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes (calls jax.distributed.initialize)")
+    t.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
+    t.add_argument("--coordinator", help="multi-host: host:port of process 0")
+    t.set_defaults(func=_train)
+
     v = sub.add_parser("variants", help="list the released variants")
     v.set_defaults(func=_variants)
     return p
@@ -199,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                                           NotImplementedError, LandmarkError, InputError)
     try:
         from segface_jax.train.data import DataError
-        known += (DataError,)
+        from segface_jax.train.trainer import TrainingError
+        known += (DataError, TrainingError)
     except ImportError:  # the train extra is not installed
         pass
     try:

@@ -22,7 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 _TORCH_TESTS = ["test_modules.py", "test_modules_v3.py", "test_converter.py",
                 "test_parity_native.py", "test_cli.py", "test_convert_backbone.py",
                 "test_parser.py", "test_predict_cli.py", "test_export.py", "test_data.py",
-                "test_training.py"]
+                "test_training.py", "test_train_loop.py"]
 
 try:
     import segment_anything  # noqa: F401

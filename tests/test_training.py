@@ -63,8 +63,9 @@ def test_stochastic_depth_drops_whole_samples_in_training_only():
     assert 0.4 < float(dropped.mean()) < 0.6  # rate 0.5 over 400 samples (5 sigma: +-0.125)
     set_training(block, False)
     np.testing.assert_array_equal(block(x), eval_out)
+    set_training(block, True)  # training without a random stream attached cannot run
     with pytest.raises(ValueError, match="rngs"):
-        set_training(block, True)
+        block(x)
 
 
 def _torch_loss(logits: torch.Tensor, labels: torch.Tensor, c: int) -> torch.Tensor:

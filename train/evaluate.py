@@ -45,7 +45,7 @@ def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
     from flax import nnx
 
     graphdef = nnx.graphdef(model.module)
-    c, r = model.variant.num_classes, model.resolution
+    c = model.variant.num_classes
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
     @functools.partial(jax.jit, in_shardings=(replicated, batch, batch, batch),
@@ -54,8 +54,9 @@ def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
         module = nnx.merge(graphdef, state)
         lm = landmarks if model.variant.needs_landmarks else None
         logits = module(normalize_on_device(images), lm)
-        if logits.shape[1:3] != (r, r):  # upstream resizes to R; the models already output R
-            logits = jax.image.resize(logits, (logits.shape[0], r, r, c), "bilinear",
+        r = labels.shape[1:3]
+        if logits.shape[1:3] != r:  # upstream resizes to R; the models already output R
+            logits = jax.image.resize(logits, (logits.shape[0], *r, c), "bilinear",
                                       antialias=False)
         return metrics.confusion_matrix_device(labels, jnp.argmax(logits, -1), c)
 
@@ -63,10 +64,12 @@ def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
 
 
 def evaluate(model: LoadedModel, source, dataset: str, batch_size: int = 8,
-             worker_count: int = 0, progress: bool = True) -> tuple[np.ndarray, int, float]:
+             worker_count: int = 0, progress: bool = True,
+             resolution: int | None = None) -> tuple[np.ndarray, int, float]:
     """(confusion matrix, images counted, seconds) of ``model`` on ``source``.
 
     ``batch_size`` is global; it is rounded up to a multiple of the device count.
+    ``resolution`` defaults to the variant's.
     """
     from tqdm import tqdm
 
@@ -76,7 +79,7 @@ def evaluate(model: LoadedModel, source, dataset: str, batch_size: int = 8,
     n_dev, n_proc = jax.device_count(), jax.process_count()
     global_batch = max(1, -(-batch_size // n_dev)) * n_dev
     local_batch = global_batch // n_proc
-    steps, batches = eval_batches(source, dataset, model.resolution, local_batch,
+    steps, batches = eval_batches(source, dataset, resolution or model.resolution, local_batch,
                                   worker_count=worker_count)
     sharding = NamedSharding(mesh, P("data"))
     state = jax.device_put(model._state, NamedSharding(mesh, P()))

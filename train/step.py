@@ -1,9 +1,9 @@
 """The jitted training step: batch sharded over a ``("data",)`` mesh, state replicated, donated.
 
-The state is a pytree ``{"params", "rest", "opt", "step"}``: ``params`` are the trainable
-``nnx.Param`` leaves (float32 whatever the compute dtype), ``rest`` BatchNorm statistics and
-the stochastic-depth random stream, ``opt`` the optax state. Batches arrive as uint8 images,
-uint8 labels and float32 landmarks; normalisation happens on the device.
+The state is a pytree ``{"params", "rest", "opt", "step", "seed"}``: ``params`` are the
+trainable ``nnx.Param`` leaves (float32 whatever the compute dtype), ``rest`` the BatchNorm
+statistics, ``opt`` the optax state; stochastic depth draws from (seed, step). Batches arrive
+as uint8 images, uint8 labels and float32 landmarks; normalisation happens on the device.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from segface_jax.train.evaluate import normalize_on_device
 from segface_jax.train.losses import segface_loss
 
 
-def split_for_training(model: nnx.Module, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
-    """Put ``model`` in training mode (seeded stochastic depth) and split it into
-    (graphdef, {"params", "rest"})."""
-    set_training(model, True, nnx.Rngs(dropout=seed))
+def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    """Put ``model`` in training mode and split it into (graphdef, {"params", "rest"})."""
+    set_training(model, True)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # copies: the step donates its state, which must not delete the caller's model arrays
     params, rest = jax.tree.map(lambda a: a.copy(), (params, rest))
@@ -34,10 +33,14 @@ def split_for_training(model: nnx.Module, seed: int = 0) -> tuple[nnx.GraphDef, 
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0):
-    """(graphdef, initial state) for ``train_step``."""
-    graphdef, parts = split_for_training(model, seed)
+    """(graphdef, initial state) for ``train_step``.
+
+    Stochastic depth draws from ``fold_in(key(seed), step)``: the random stream is a function
+    of the seed and the step, so a resumed run makes exactly the same draws.
+    """
+    graphdef, parts = split_for_training(model)
     return graphdef, {**parts, "opt": tx.init(parts["params"]),
-                      "step": jnp.zeros((), jnp.int32)}
+                      "step": jnp.zeros((), jnp.int32), "seed": jnp.asarray(seed, jnp.uint32)}
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group: int | None,
@@ -47,13 +50,18 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group:
     labels = batch["label"].astype(jnp.int32)
     lm = batch["landmarks"] if needs_landmarks else None
 
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, state["rest"])
+    key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"])
+
+    def loss_fn(params, rest):
+        model = nnx.merge(graphdef, params, rest)
+        set_training(model, True, nnx.Rngs(dropout=key))  # a stream made inside the trace
         logits = model(x, lm)
+        set_training(model, True)  # detach it again: the state keeps no random stream
         loss, parts = segface_loss(logits, labels, dice_group)
         return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["rest"])
     return loss, parts, rest, grads
 
 
@@ -74,6 +82,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
-        return {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1}, metrics
+        new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1,
+               "seed": state["seed"]}
+        return new, metrics
 
     return step

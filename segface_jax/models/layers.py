@@ -203,21 +203,16 @@ def depth_rates(prob: float, depths: Sequence[int], denominator_offset: int) -> 
 def set_training(model: nnx.Module, training: bool, rngs: nnx.Rngs | None = None) -> None:
     """Switch BatchNorm to batch statistics and stochastic depth on (or both back off).
 
-    ``rngs`` (with a ``dropout`` stream) drives stochastic depth; it is required to train a
-    model that has any.
+    ``rngs`` (with a ``dropout`` stream) drives stochastic depth; without it the modules hold
+    no random state (what the jitted step keeps), and a forward pass in training mode needs
+    one attached first.
     """
     for _, module in model.iter_modules():
         if isinstance(module, BatchNorm):
             module.train_mode = training
         elif isinstance(module, nnx.Dropout) and module.rate > 0:
             module.deterministic = not training
-            if training:
-                if rngs is None:
-                    raise ValueError("this model has stochastic depth: pass rngs=nnx.Rngs("
-                                     "dropout=seed) to train it")
-                module.rngs = rngs.dropout
-            else:
-                module.rngs = None
+            module.rngs = rngs.dropout if training and rngs is not None else None
 
 
 class ResidualBlock(nnx.Module):
