@@ -64,7 +64,18 @@ def _read_gray(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({e})") from None
 
 
-class CelebAMaskHQ:
+class _Source:
+    # a stable repr: grain checks it when an iterator state is restored
+    root: Path
+    split: str
+    names: list[str]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+                f"samples={len(self.names)})")
+
+
+class CelebAMaskHQ(_Source):
     """CelebAMask-HQ in its release layout (``CelebA-HQ-img/``, ``CelebAMask-HQ-mask-anno/``)."""
 
     dataset = "celebamask_hq"
@@ -125,7 +136,7 @@ class CelebAMaskHQ:
                 "points": np.zeros((0, 2), np.float32), "name": name}
 
 
-class LaPa:
+class LaPa(_Source):
     """LaPa: ``<split>/images/*.jpg``, ``labels/*.png``, ``landmarks/*.txt`` (106 points)."""
 
     dataset = "lapa"
@@ -168,7 +179,7 @@ class LaPa:
                 "points": self.points(name), "name": name}
 
 
-class Helen:
+class Helen(_Source):
     """Helen: ``<split>/<name>_image.jpg``, ``<name>_label.png``; ``landmarks.txt`` (68 points)."""
 
     dataset = "helen"

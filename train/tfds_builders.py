@@ -137,6 +137,10 @@ class TFDSSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    def __repr__(self) -> str:  # stable: grain checks it when an iterator state is restored
+        return (f"TFDSSource(dataset={self.dataset!r}, data_dir={str(self.data_dir)!r}, "
+                f"split={self.split!r}, samples={len(self)})")
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self._source[i]
         name = rec["name"].decode() if isinstance(rec["name"], bytes) else str(rec["name"])
