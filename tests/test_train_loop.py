@@ -143,3 +143,51 @@ def test_two_processes_train_together(tmp_path, lapa_root):
                for line in out.splitlines() if "parameter digest" in line]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert "finished at step 4" in outs[0][0]
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
+    config = _config(tmp_path, lapa_root, 400)
+    env = {**os.environ, "XLA_FLAGS": "", "SEGFACE_JAX_COMPILATION_CACHE": "0"}
+    proc = subprocess.Popen(_cli(config, tmp_path / "run", "--set", "checkpoint_every=1000"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    saved = int(err.split("checkpoint saved at step ")[1].split(";")[0])
+    assert 3 <= saved < 400 and "continue with --resume" in err
+    assert (tmp_path / "run" / "checkpoints" / str(saved)).is_dir()
+
+
+def test_initialisation_from_imagenet_encoder_and_segface_checkpoints(tmp_path, lapa_root):
+    import dataclasses
+
+    from segface_jax.checkpoint import flat_state, save_checkpoint
+    from segface_jax.train.trainer import build_model
+
+    cfg = load_config(_config(tmp_path, lapa_root, 4), [])
+    scratch = build_model(cfg)
+    # a `convert-backbone`-style directory for this (tiny) encoder, with other values
+    encoder = {k: np.asarray(v) + 1.0 for k, v in flat_state(scratch.backbone).items()}
+    save_checkpoint(tmp_path / "enc", encoder, {"kind": "backbone", "arch": "swin_b"})
+    model = build_model(dataclasses.replace(cfg, init="imagenet", init_path=str(tmp_path / "enc")))
+    got = flat_state(model)
+    for k, v in encoder.items():
+        np.testing.assert_array_equal(got[f"backbone.{k}"], v)
+    for k, v in flat_state(scratch).items():  # the decoder keeps its initialisation
+        if not k.startswith("backbone."):
+            np.testing.assert_array_equal(got[k], v)
+    # fine-tuning from a converted SegFace checkpoint: every parameter comes from it
+    from tests import release
+
+    full = dataclasses.replace(cfg, init="segface", encoder_overrides=(),
+                               init_path=str(release.converted("swinb_lapa_224")))
+    model = build_model(full)
+    stored = flat_state(__import__("segface_jax").load(full.init_path).module)
+    for k, v in flat_state(model).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(stored[k]))
+    with pytest.raises(TrainingError, match="needs init_path"):
+        build_model(dataclasses.replace(cfg, init="imagenet"))
