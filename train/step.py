@@ -60,8 +60,12 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group:
         loss, parts = segface_loss(logits, labels, dice_group)
         return loss, (parts, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (parts, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["rest"])
+    # ``rest`` (BatchNorm statistics, updated in the forward pass) must enter the same trace
+    # as the parameters to be mutated there: it is differentiated too, and its gradient,
+    # never used, is removed by XLA.
+    (loss, (parts, rest)), (grads, _) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                           has_aux=True)(state["params"],
+                                                                         state["rest"])
     return loss, parts, rest, grads
 
 
