@@ -216,7 +216,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
         restored = manager.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         state = jax.device_put(restored["state"], replicated)
-        it.set_state(base64.b64decode(restored["data"]["iterator"]))
+        states = restored["data"]["iterators"]
+        if len(states) != n_proc:
+            raise TrainingError(f"checkpoint step {start} was written by {len(states)} "
+                                f"process(es); resume it with as many (now {n_proc})")
+        it.set_state(base64.b64decode(states[jax.process_index()]))
         print(f"resumed from step {start} ({workdir / 'checkpoints'})")
     elif resume:
         print(f"nothing to resume in {workdir / 'checkpoints'}; starting from step 0")
@@ -225,9 +229,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
                             f"{manager.latest_step()}); pass --resume or another --workdir")
 
     def save(step_no: int) -> None:
+        # every process's iterator position (each reads its own shard), gathered to all
+        iterators = [base64.b64encode(s).decode() for s in _gather_bytes(it.get_state())]
         manager.save(step_no, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"iterator": base64.b64encode(it.get_state()).decode(),
+            data=ocp.args.JsonSave({"iterators": iterators,
                                     "epoch": step_no // steps_per_epoch})), force=True)
         manager.wait_until_finished()
 
@@ -323,6 +329,22 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
     return {"step": step_no, "interrupted": interrupted, "last_checkpoint": last_saved,
             "model": nnx.merge(graphdef, state["params"], state["rest"]),
             "digest": digest.hexdigest()[:16]}
+
+
+def _gather_bytes(blob: bytes, size: int = 1 << 16) -> list[bytes]:
+    """``blob`` of every process, in process order (one collective)."""
+    if jax.process_count() == 1:
+        return [blob]
+    from jax.experimental import multihost_utils
+
+    if len(blob) + 4 > size:
+        raise TrainingError(f"data iterator state of {len(blob)} bytes exceeds {size - 4}")
+    buf = np.zeros(size, np.uint8)
+    buf[:4] = np.frombuffer(np.uint32(len(blob)).tobytes(), np.uint8)
+    buf[4:4 + len(blob)] = np.frombuffer(blob, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [row[4:4 + int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])].tobytes()
+            for row in rows]
 
 
 def _interrupt(*_) -> None:
