@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -268,6 +269,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM saves like Ctrl-C
     t0, images = time.perf_counter(), 0
     step_no = start
+    metrics: dict = {"loss": 0.0}
     try:
         while step_no < total_steps:
             local = next(it)
@@ -305,9 +307,13 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
                 best.wait_until_finished()
     except KeyboardInterrupt:
         interrupted = True
-        if step_no > last_saved:
-            save(step_no)
-            last_saved = step_no
+        try:  # the state of the last completed step (an interrupted call leaves the previous)
+            done = int(state["step"])
+            if done > last_saved and math.isfinite(float(metrics["loss"])):
+                save(done)
+                last_saved = done
+        except Exception as e:  # noqa: BLE001 - e.g. arrays donated to an interrupted call
+            print(f"\ncould not save at the interruption ({type(e).__name__})", file=sys.stderr)
         print(f"\ninterrupted: checkpoint saved at step {last_saved}; continue with --resume",
               file=sys.stderr)
     finally:
@@ -321,8 +327,6 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
             jsonl.close()
             if curve_steps:
                 _loss_curve_png(workdir / "loss_curve.png", curve_steps, curve_losses)
-    import hashlib
-
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(state["params"]):
         digest.update(np.asarray(jax.device_get(leaf)).tobytes())
