@@ -45,7 +45,7 @@ def test_stochastic_depth_rates_are_torchvision_s(arch):
         want = [m.stochastic_depth.p for m in tv.modules()  # residual ones only
                 if getattr(m, "use_res_connect", False)]
     enc = nnx.eval_shape(lambda: ENCODERS[arch][0](ENCODERS[arch][1](), rngs=nnx.Rngs(0)))
-    got = [m.rate for _, m in enc.iter_modules() if isinstance(m, nnx.Dropout)]
+    got = [m.rate for _, m in nnx.iter_modules(enc) if isinstance(m, nnx.Dropout)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -169,7 +169,7 @@ def test_one_training_step_matches_torch():
                  if p.grad is not None}  # the Swin final norm is unused: no gradient
         opt.step()
         new = {k: p.detach().float().clone() for k, p in model_t.named_parameters()}
-        return float(loss), grads, new
+        return loss.item(), grads, new
 
     import copy
 

@@ -83,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                                   needs_landmarks)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
         new = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1,

@@ -207,7 +207,7 @@ def set_training(model: nnx.Module, training: bool, rngs: nnx.Rngs | None = None
     no random state (what the jitted step keeps), and a forward pass in training mode needs
     one attached first.
     """
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, BatchNorm):
             module.train_mode = training
         elif isinstance(module, nnx.Dropout) and module.rate > 0:
