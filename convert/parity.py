@@ -17,9 +17,9 @@ from segface_jax.variants import Variant
 
 def default_landmarks(resolution: int) -> np.ndarray:
     """Landmarks of an already aligned, centred face: the standard points at ``resolution``."""
-    from segface_jax.align import STANDARD_FACE_POINTS
+    from segface_jax.align import standard_landmarks
 
-    return ((STANDARD_FACE_POINTS + 1) * (resolution - 1) / 2)[None].astype(np.float32)
+    return standard_landmarks(resolution)[None]
 
 
 @dataclasses.dataclass

@@ -41,6 +41,11 @@ def similarity_matrix(src: jnp.ndarray, dst: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack(rows, axis=-1).reshape(-1, 3, 3)
 
 
+def standard_landmarks(resolution: int) -> np.ndarray:
+    """(5, 2) float32 pixel positions of the standard face points in an R x R aligned crop."""
+    return ((STANDARD_FACE_POINTS + 1) * (resolution - 1) / 2).astype(np.float32)
+
+
 def invert_similarity(matrix: jnp.ndarray) -> jnp.ndarray:
     """Closed-form inverse of (B, 3, 3) similarity matrices [[a, b, tx], [-b, a, ty], [0, 0, 1]].
 

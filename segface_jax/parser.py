@@ -32,6 +32,7 @@ import numpy as np
 
 from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
+from segface_jax.align import standard_landmarks
 from segface_jax.checkpoint import CheckpointError, LoadedModel, load, read_metadata
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
@@ -206,9 +207,7 @@ class FaceParser:
         lm = None
         if v.needs_landmarks:
             if five is None:
-                from segface_jax.align import STANDARD_FACE_POINTS
-
-                lm = ((STANDARD_FACE_POINTS + 1) * (r - 1) / 2).astype(np.float32)
+                lm = standard_landmarks(r)
             else:
                 out.landmarks = five
                 lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
@@ -222,12 +221,8 @@ class FaceParser:
         x = np.zeros((size, *batch[0].x.shape), np.float32)
         x[:n] = np.stack([p.x for p in batch])
         lm = None
-        if self.variant.needs_landmarks:
-            from segface_jax.align import STANDARD_FACE_POINTS
-
-            r = self.variant.resolution
-            lm = np.broadcast_to((STANDARD_FACE_POINTS + 1) * (r - 1) / 2,
-                                 (size, 5, 2)).astype(np.float32)
+        if self.variant.needs_landmarks:  # padding rows: a well-posed alignment, discarded
+            lm = np.repeat(standard_landmarks(self.variant.resolution)[None], size, axis=0)
             lm[:n] = np.stack([p.lm for p in batch])
         return self.model(x, landmarks=lm)  # dispatched asynchronously
 

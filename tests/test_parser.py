@@ -17,7 +17,7 @@ from PIL import Image
 import segface_jax
 from segface_jax import hub, postprocess, preprocess
 from segface_jax import landmarks as lmk
-from segface_jax.align import STANDARD_FACE_POINTS
+from segface_jax.align import standard_landmarks
 from segface_jax.checkpoint import CheckpointError, load
 from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut
 from segface_jax.parser import FaceParser
@@ -123,7 +123,7 @@ def test_lapa_without_landmarks_assumes_an_aligned_crop_and_says_so_once(tmp_pat
     first = parser([crop, crop])
     parser([crop])
     assert len(notes) == 1 and "aligned" in notes[0]
-    standard = ((STANDARD_FACE_POINTS + 1) * (224 - 1) / 2).astype(np.float32)
+    standard = standard_landmarks(224)
     expected = _direct_labels(parser.model, crop, standard)
     assert float((first.labels[0] == expected).mean()) >= 0.9999
     with pytest.raises(lmk.LandmarkError, match="<image 0>"):

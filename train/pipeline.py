@@ -131,7 +131,7 @@ def _pad(batch: dict[str, np.ndarray] | None, size: int, r: int) -> dict[str, np
         for key in ("image", "label", "landmarks"):
             out[key][:n] = batch[key]
     # padding rows get the standard landmarks so the alignment's fit stays well-posed
-    from segface_jax.align import STANDARD_FACE_POINTS
+    from segface_jax.align import standard_landmarks
 
-    out["landmarks"][n:] = (STANDARD_FACE_POINTS + 1) * (r - 1) / 2
+    out["landmarks"][n:] = standard_landmarks(r)
     return out
