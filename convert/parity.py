@@ -94,6 +94,7 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
     from PIL import Image, ImageDraw
 
     import segface_jax
+    from segface_jax.checkpoint import atomic_write
     from segface_jax.convert import reference
     from segface_jax.convert.converter import convert_checkpoint, load_state_dict
 
@@ -142,8 +143,6 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
     if random_weights:
         ImageDraw.Draw(img).text((8, 8), "RANDOM WEIGHTS (hub unreachable): mask is meaningless",
                                  fill=(255, 0, 0))
-    tmp_out = out.with_name(f".{out.name}.partial")
-    img.save(tmp_out, format="PNG")
-    os.replace(tmp_out, out)
+    atomic_write(out, lambda p: img.save(p, format="PNG"))
     print(f"overlay written to {out}" + (" (labelled: random weights)" if random_weights else ""))
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segface_jax.checkpoint import atomic_write
 from segface_jax.landmarks import LandmarkError
 
 MEDIAPIPE_MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/"
@@ -53,18 +54,16 @@ def mediapipe_model(path: str | os.PathLike | None = None) -> Path:
     target = cache_dir() / "mediapipe" / "face_landmarker.task"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
+    def download(tmp: Path) -> None:
+        with urllib.request.urlopen(MEDIAPIPE_MODEL_URL, timeout=30) as r:
+            tmp.write_bytes(r.read())
+
     try:
-        with urllib.request.urlopen(MEDIAPIPE_MODEL_URL, timeout=30) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, target)
+        atomic_write(target, download)
     except OSError as e:
         raise LandmarkError(
             f"cannot download the MediaPipe face landmark model ({e}); fetch "
             f"{MEDIAPIPE_MODEL_URL} and save it as {target}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -13,14 +13,13 @@ parameters embedded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from segface_jax.checkpoint import CheckpointError, LoadedModel
+from segface_jax.checkpoint import CheckpointError, LoadedModel, atomic_write
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -83,13 +82,7 @@ def run_export(args) -> int:
     else:
         data = export_onnx(model, args.batch_size or 1).SerializeToString()
         batch = f"batch {args.batch_size or 1}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda p: p.write_bytes(data))
     inputs = "images (N, R, R, 3)" + (" and landmarks (N, 5, 2)" if v.needs_landmarks else "")
     print(f"wrote {out} ({len(data) / 2**20:.1f} MiB): {v.name}, {args.format}, {batch}, "
           f"inputs {inputs} with R = {v.resolution}, output logits (N, R, R, {v.num_classes})")

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from segface_jax import examples, preprocess
 from segface_jax import landmarks as lmk
+from segface_jax.checkpoint import atomic_write
 from segface_jax.parser import FaceParser, Parsed
 from segface_jax.postprocess import class_areas
 
@@ -90,18 +91,6 @@ def collect_inputs(inputs: Sequence[str], out_dir: Path) -> list[Job]:
     return list(unique.values())
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
     """A palette ('P' mode) PNG whose pixel values are the class indices."""
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
@@ -126,19 +115,19 @@ def write_outputs(job: Job, result: Parsed, parser: FaceParser, save: Sequence[s
     v = parser.variant
     out = job.outputs(save)
     if "labels" in out:
-        _atomic_write(out["labels"], lambda p: label_png(result.labels, v.palette).save(
+        atomic_write(out["labels"], lambda p: label_png(result.labels, v.palette).save(
             p, format="PNG"))
     if "overlay" in out:
         over = preprocess.overlay(result.image, result.labels, v.palette)
         if weights_note.get("random"):
             over = _random_weights_banner(over)
-        _atomic_write(out["overlay"], lambda p: Image.fromarray(over).save(p, format="PNG"))
+        atomic_write(out["overlay"], lambda p: Image.fromarray(over).save(p, format="PNG"))
     if "probs" in out:
         def write_probs(p: Path) -> None:
             with open(p, "wb") as f:
                 np.savez_compressed(f, probabilities=result.probabilities.astype(np.float16),
                                     class_names=np.array(v.classes))
-        _atomic_write(out["probs"], write_probs)
+        atomic_write(out["probs"], write_probs)
     if "json" in out:
         h, w = result.labels.shape
         info = {
@@ -150,7 +139,7 @@ def write_outputs(job: Job, result: Parsed, parser: FaceParser, save: Sequence[s
             "crop_box": result.crop_box,
             "classes": class_areas(result.labels, v.classes),
         }
-        _atomic_write(out["json"], lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+        atomic_write(out["json"], lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
 
 
 def run_predict(args) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from segface_jax.checkpoint import LoadedModel
+from segface_jax.checkpoint import LoadedModel, atomic_write
 from segface_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from segface_jax.train import metrics
 
@@ -166,15 +165,8 @@ def confusion_png(cm: np.ndarray, class_names: Sequence[str], cell: int = 28) ->
 
 def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1) -> None:
     """metrics.json, metrics.md and confusion.png, each written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     def atomic(name: str, write) -> None:
-        tmp = out_dir / f".{name}.partial"
-        try:
-            write(tmp)
-            os.replace(tmp, out_dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(out_dir / name, write)
 
     atomic("metrics.json", lambda p: p.write_text(json.dumps(
         {**report, "confusion_matrix": cm.tolist()}, indent=2) + "\n"))
