@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +42,46 @@ def patchify_conv(din: int, dout: int, patch: int, dtype: Dtype, param_dtype: Dt
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+_LAX_CONVOLUTIONS = contextvars.ContextVar("lax_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def lax_convolutions() -> Iterator[None]:
+    """Trace ``depthwise_conv`` and ``apply_conv`` as plain lax convolutions on every platform.
+
+    For converters that target no XLA platform and cannot lower ``lax.platform_dependent``
+    (jax2onnx); the CPU-only kernels are XLA:CPU workarounds. Only tracing inside the block is
+    affected: a function jitted and traced before keeps its cached choice.
+    """
+    token = _LAX_CONVOLUTIONS.set(True)
+    try:
+        yield
+    finally:
+        _LAX_CONVOLUTIONS.reset(token)
+
+
+def _cpu_or_default(*args: jnp.ndarray, cpu: Callable, default: Callable) -> jnp.ndarray:
+    """``cpu(*args)`` when lowered for CPU, else ``default(*args)`` (``lax_convolutions``:
+    always ``default``)."""
+    if _LAX_CONVOLUTIONS.get():
+        return default(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
 def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None,
                    impl: str | None = None, stride: int = 1) -> jnp.ndarray:
     """Depthwise conv, symmetric padding (k-1)//2: (B, H, W, C), (k, k, C) -> (B, H/s, W/s, C).
 
     XLA:CPU's grouped convolution is ~13x slower than torch's here (see PERF.md), while a sum
-    of k*k shifted (strided) slices is fused into one fast loop, so CPU uses the slices and
-    other backends use ``lax.conv_general_dilated``; ``impl`` ("slices" or "lax") forces one.
-    Both compute the same sum.
+    of k*k shifted (strided) slices is fused into one fast loop. The choice is made per
+    platform at lowering (``lax.platform_dependent``): CPU runs the slices, every other
+    platform ``lax.conv_general_dilated``, so one multi-platform export is right everywhere.
+    ``impl`` ("slices" or "lax") forces one on every platform. Both compute the same sum.
     """
     k = kernel.shape[0]
     p = (k - 1) // 2
-    impl = impl or ("slices" if jax.default_backend() == "cpu" else "lax")
-    if impl == "slices":
+
+    def slices(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
         b, h, w, c = x.shape
         ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
@@ -61,25 +90,41 @@ def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
         for i in range(k):
             for j in range(k):
                 out = out + xp[:, i:i + span_h:stride, j:j + span_w:stride] * kernel[i, j]
-    else:
-        out = jax.lax.conv_general_dilated(
+        return out
+
+    def grouped(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+        return jax.lax.conv_general_dilated(
             x, kernel[:, :, None, :], window_strides=(stride, stride), padding=((p, p), (p, p)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+    if impl is None:
+        out = _cpu_or_default(x, kernel, cpu=slices, default=grouped)
+    elif impl in ("slices", "lax"):
+        out = (slices if impl == "slices" else grouped)(x, kernel)
+    else:
+        raise ValueError(f"depthwise_conv impl must be 'slices' or 'lax', not {impl!r}")
     return out if bias is None else out + bias
 
 
 def apply_conv(conv: nnx.Conv, x: jnp.ndarray) -> jnp.ndarray:
-    """``conv(x)``, with 1x1 convolutions computed as a (strided) matmul.
+    """``conv(x)``; on CPU a 1x1 convolution runs as a (strided) matmul instead.
 
     XLA:CPU runs a 1x1 convolution 1.3-2.6x slower than the same contraction as a dot
-    (measured at EfficientNet/ResNet shapes); the arithmetic is the same sum.
+    (measured at EfficientNet/ResNet shapes); other platforms were not measured and keep the
+    convolution. The choice is made per platform at lowering (``lax.platform_dependent``);
+    the arithmetic is the same sum, in the dtype ``conv`` itself would use.
     """
     if tuple(conv.kernel_size) != (1, 1):
         return conv(x)
     sh, sw = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
-    dt = conv.dtype or x.dtype
-    y = x[:, ::sh, ::sw].astype(dt) @ conv.kernel[...][0, 0].astype(dt)
-    return y if conv.bias is None else y + conv.bias[...].astype(dt)
+
+    def as_matmul(x: jnp.ndarray) -> jnp.ndarray:
+        bias = None if conv.bias is None else conv.bias[...]
+        x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], bias), dtype=conv.dtype)
+        y = x[:, ::sh, ::sw] @ kernel[0, 0]
+        return y if bias is None else y + bias
+
+    return _cpu_or_default(x, cpu=as_matmul, default=lambda x: conv(x))
 
 
 def hardsigmoid(x: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,123 @@
+"""CPU-only kernels (``depthwise_conv``'s shifted slices, ``apply_conv``'s 1x1 matmul) are
+chosen per platform at lowering, so one multi-platform export runs lax convolutions on CUDA and
+TPU and the fast kernels on CPU, and gradients flow through the choice."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from segface_jax.models.layers import apply_conv, depthwise_conv, lax_convolutions
+from segface_jax.models.mobilenet_v3 import InvertedResidual
+
+C = 8  # channels of the depthwise conv: its grouped convolution has feature_group_count = C
+# float32 sums of at most 9 * 8 terms of order 1 taken in another order: max |d| / max |ref|
+# measured 8e-8 (outputs) and 5.5e-7 (gradients); tests/test_modules.py uses the same bound.
+TOL = 2e-6
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def _rel(a: jax.Array, ref: jax.Array) -> float:
+    a, ref = np.asarray(a), np.asarray(ref)
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def _inputs() -> tuple[jax.Array, jax.Array, nnx.Conv]:
+    """NHWC input, 3x3 depthwise kernel, and a strided 1x1 conv after it."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 9, C))
+    k = jax.random.normal(jax.random.key(1), (3, 3, C))
+    return x, k, nnx.Conv(C, 6, (1, 1), strides=(2, 2), rngs=nnx.Rngs(0))
+
+
+def _exported(platforms: tuple[str, ...]) -> jax.export.Exported:
+    """Depthwise 3x3 conv then strided 1x1 conv, lowered on this (CPU) host for ``platforms``."""
+    x, k, conv = _inputs()
+    f = jax.jit(lambda x, k: apply_conv(conv, depthwise_conv(x, k, None)))
+    return jax.export.export(f, platforms=platforms)(x, k)
+
+
+def _convolutions(text: str) -> list[int]:
+    """feature_group_count of every ``stablehlo.convolution`` in a StableHLO module's text."""
+    ops = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    return sorted(int(m.group(1)) if (m := re.search(r"feature_group_count = (\d+)", op)) else 1
+                  for op in ops)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerators_lower_to_lax_convolutions(platform):
+    text = _exported((platform,)).mlir_module()
+    assert _convolutions(text) == [1, C]  # the 1x1 conv and the grouped (depthwise) conv
+    assert "stablehlo.dot_general" not in text
+
+
+def test_cpu_lowers_to_slices_and_matmul():
+    text = _exported(("cpu",)).mlir_module()
+    assert _convolutions(text) == []
+    assert "stablehlo.dot_general" in text and "stablehlo.slice" in text
+
+
+def test_multi_platform_export_holds_both_and_runs_on_cpu():
+    exported = _exported(PLATFORMS)
+    text = exported.mlir_module()
+    # every branch is kept, selected by the platform index when the artefact is compiled
+    assert set(_convolutions(text)) == {1, C} and "stablehlo.dot_general" in text
+    x, k, conv = _inputs()
+    want = conv(depthwise_conv(x, k, None, impl="lax"))
+    assert _rel(exported.call(x, k), want) <= TOL
+
+
+def test_gradients_through_platform_choice_match_lax():
+    x, k, conv = _inputs()
+    b = jnp.linspace(-1.0, 1.0, C)
+
+    def loss(conv: nnx.Conv, x: jax.Array, k: jax.Array, fast: bool) -> jax.Array:
+        y = depthwise_conv(x, k, b, impl=None if fast else "lax")
+        return jnp.sum(jnp.sin(apply_conv(conv, y) if fast else conv(y)))
+
+    for transform in (nnx.jit, lambda f: f):  # staged (the train step) and eager
+        got, want = (jax.tree.leaves(transform(nnx.grad(
+            lambda c, x, k, fast=fast: loss(c, x, k, fast), argnums=(0, 1, 2)))(conv, x, k))
+            for fast in (True, False))
+        assert len(got) == len(want) == 4  # conv bias and kernel, x, k
+        for g, w in zip(got, want):
+            assert _rel(g, w) <= TOL
+
+
+def test_vmap_and_eager_match_lax():
+    x, k, _ = _inputs()
+    want = depthwise_conv(x, k, None, impl="lax")
+    assert _rel(depthwise_conv(x, k, None), want) <= TOL
+    per_image = jax.jit(jax.vmap(lambda xi: depthwise_conv(xi[None], k, None)[0]))
+    assert _rel(per_image(x), want) <= TOL
+    with pytest.raises(ValueError, match="impl"):
+        depthwise_conv(x, k, None, impl="conv")
+
+
+def test_lax_convolutions_fix_the_choice_at_trace_time():
+    x, k, conv = _inputs()
+
+    def jaxpr() -> str:
+        # a new function each time: jax caches the trace of a function it has seen
+        return str(jax.make_jaxpr(lambda x: apply_conv(conv, depthwise_conv(x, k, None)))(x))
+
+    assert "platform_index" in jaxpr()
+    with lax_convolutions():  # what the ONNX export traces: no platform_dependent left
+        text = jaxpr()
+    assert "platform_index" not in text and text.count("conv_general_dilated[") == 2
+    assert "platform_index" in jaxpr()  # leaving the block restores the per-platform choice
+
+
+def test_mobilenet_block_export_round_trips():
+    # expand 1x1, depthwise 5x5 stride 2, squeeze-excitation (1x1 convs), project 1x1
+    graphdef, state = nnx.split(InvertedResidual(16, 5, 32, 24, True, "hardswish", 2,
+                                                 rngs=nnx.Rngs(0)))
+    f = jax.jit(lambda x: nnx.merge(graphdef, state)(x))
+    x = jax.random.normal(jax.random.key(2), (2, 9, 11, 16))
+    exported = jax.export.deserialize(jax.export.export(f, platforms=PLATFORMS)(x).serialize())
+    assert exported.platforms == PLATFORMS
+    assert _rel(exported.call(x), f(x)) <= TOL  # the same CPU program: measured 1.2e-7
