@@ -42,7 +42,7 @@ def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
 
     from segface_jax.checkpoint import load
     from segface_jax.train import optim, step
-    from segface_jax.train.evaluate import data_mesh
+    from segface_jax.train.mesh import data_mesh
 
     model = load(ckpt)
     v = model.variant

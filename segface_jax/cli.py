@@ -191,11 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a SegFace recipe (configs/<variant>.py)")
     t.add_argument("--config", required=True,
                    help="a config file, e.g. configs/swinb_celeba_512.py")
-    t.add_argument("--workdir", help="checkpoints and logs (default: runs/<variant>)")
+    t.add_argument("--workdir", help="checkpoints and logs: a path, or a URL such as "
+                   "gs://BUCKET/RUN (default: runs/<variant>)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data_root=/data/LaPa (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="write a jax.profiler trace of STEPS steps (after the first) to "
+                        "WORKDIR/profile")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="one device's peak TFLOP/s at the config's dtype, for model FLOPs "
+                        "utilisation (default: a table of known GPUs and TPUs)")
     t.add_argument("--num-processes", type=int, default=None,
                    help="multi-host: number of processes (calls jax.distributed.initialize)")
     t.add_argument("--process-id", type=int, default=None, help="multi-host: this process")

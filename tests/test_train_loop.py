@@ -82,10 +82,72 @@ def test_tiny_recipe_trains_logs_and_refuses_nan(tmp_path, lapa_root):
     bad = cfg.replace(lr=1e30, checkpoint_every=1, eval_every_epochs=0, max_steps=20)
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*last good checkpoint is "
                                             r"step \d+") as err:
-        train(bad, tmp_path / "nan", progress=False)
+        train(bad, str(tmp_path / "nan"), progress=False)  # a workdir given as text
     good = int(str(err.value).split("last good checkpoint is step ")[1].split()[0])
     assert sorted(map(int, os.listdir(tmp_path / "nan/checkpoints")))[-1] == good
     assert all(np.isfinite(a).all() for a in _params(tmp_path / "nan", good).values())
+
+
+def test_profile_trace_and_throughput_records(tmp_path, lapa_root):
+    """``profile_steps=1`` leaves a profiler trace in WORKDIR/profile; train records carry
+    images/s, the compiled step's FLOPs and, given a peak, model FLOPs utilisation."""
+    import jax
+    from etils import epath
+
+    cfg = load_config(_config(tmp_path, lapa_root, 3), ["peak_tflops=0.001"])
+    summary = train(cfg, epath.Path(tmp_path / "run"), progress=False, profile_steps=1)
+    assert summary["step"] == 3
+    assert list((tmp_path / "run/profile").rglob("*.xplane.pb"))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text()
+            .splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["flops_per_step"] > 0
+        # MFU: FLOPs per step x steps/s (images/s over the global batch of 8) over the summed
+        # peak of the devices, 1 GFLOP/s each (float rounding only: rel 1e-9)
+        assert r["mfu"] == pytest.approx(r["flops_per_step"] * r["images_per_s"] / 8
+                                         / (jax.device_count() * 1e9), rel=1e-9)
+
+
+def test_config_checks_remat_and_accumulation(tmp_path, lapa_root):
+    config = _config(tmp_path, lapa_root, 1)  # global_batch 8, dice_group 4
+    cfg = load_config(config, ["remat=block", "global_batch=16", "accum_steps=2"])
+    assert (cfg.remat, cfg.accum_steps) == ("block", 2)
+    for bad, match in [(["remat=all"], "remat must be one of none, block, encoder"),
+                       (["accum_steps=0"], "accum_steps must be a whole number"),
+                       (["accum_steps=3"], r"multiple of accum_steps 3 x \d+ devices"),
+                       (["global_batch=16", "accum_steps=2", "dice_group=null"],
+                        "micro-batches of whole Dice groups")]:
+        with pytest.raises(TrainingError, match=match):
+            load_config(config, bad)
+
+
+def test_prefetch_position_counts_the_batches_handed_out():
+    """With one batch in flight, the position reported with batch k is the iterator's state
+    after k batches, not after the look-ahead one: the position a checkpoint must keep."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from segface_jax.train.mesh import data_mesh, prefetch_to_device
+
+    class Counting:
+        def __init__(self):
+            self.drawn = 0
+
+        def __next__(self):
+            self.drawn += 1
+            return {"x": np.full((8,), self.drawn, np.int32)}
+
+        def get_state(self) -> bytes:
+            return str(self.drawn).encode()
+
+    it = Counting()
+    batches = prefetch_to_device(it, NamedSharding(data_mesh(), P("data")), ["x"])
+    for k in range(1, 4):
+        batch, position = next(batches)
+        assert int(jax.device_get(batch["x"])[0]) == k
+        assert position == str(k).encode() and it.drawn == k + 1
 
 
 def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:

@@ -22,21 +22,8 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
 from segface_jax.checkpoint import LoadedModel, atomic_write
-from segface_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from segface_jax.train import metrics
-
-
-def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D ``("data",)`` mesh over all devices of all processes (automatic sharding: XLA
-    propagates the batch sharding through the model)."""
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def normalize_on_device(images: jnp.ndarray) -> jnp.ndarray:
-    """(..., 3) uint8 -> float32 ImageNet-normalised, inside jit (batches travel as uint8)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+from segface_jax.train.mesh import data_mesh, normalize_on_device
 
 
 def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):

@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from segface_jax.models.layers import set_training
-from segface_jax.train.evaluate import normalize_on_device
 from segface_jax.train.losses import segface_loss
+from segface_jax.train.mesh import normalize_on_device
 
 
 def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:

@@ -1,0 +1,87 @@
+"""A training run's Orbax checkpoints: the last K by step and the best by validation mean F1.
+
+A checkpoint in ``<workdir>/checkpoints/<step>`` holds the train state (parameters, BatchNorm
+statistics, optimizer state, step, seed) and every process's data-iterator position (each
+process reads its own shard; the positions are gathered so any process can resume all).
+``<workdir>/best`` keeps the state with the best validation mean F1. Paths are
+``etils.epath`` paths, as Orbax's own, so the work directory may be on ``gs://``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from segface_jax.train.config import TrainingError
+
+
+class RunCheckpoints:
+    """The checkpoint managers of one work directory; use as a context manager."""
+
+    def __init__(self, workdir: epath.Path, keep: int) -> None:
+        self.directory = workdir / "checkpoints"
+        self._latest = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+        self._best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m["mean_f1"], best_mode="max", create=True,
+            enable_async_checkpointing=False))
+
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._latest.close()
+        self._best.close()
+
+    def latest_step(self) -> int | None:
+        """The step of the newest checkpoint, or None in a fresh work directory."""
+        return self._latest.latest_step()
+
+    def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """(train state shaped like ``like``, this process's data-iterator position) of
+        checkpoint ``step``; the run must have as many processes as the one that wrote it."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        positions = restored["data"]["iterators"]
+        if len(positions) != jax.process_count():
+            raise TrainingError(f"checkpoint step {step} was written by {len(positions)} "
+                                f"process(es); resume it with as many (now "
+                                f"{jax.process_count()})")
+        return restored["state"], base64.b64decode(positions[jax.process_index()])
+
+    def save(self, step: int, state: dict[str, Any], position: bytes, epoch: int) -> None:
+        """Write checkpoint ``step``: ``state`` and every process's ``position`` (a collective:
+        every process calls it)."""
+        positions = [base64.b64encode(p).decode() for p in _gather_bytes(position)]
+        self._latest.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"iterators": positions, "epoch": epoch})), force=True)
+        self._latest.wait_until_finished()
+
+    def save_best(self, step: int, state: dict[str, Any], mean_f1: float) -> None:
+        """Keep ``state`` in ``best/`` if ``mean_f1`` beats the stored one."""
+        self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                        metrics={"mean_f1": mean_f1}, force=True)
+        self._best.wait_until_finished()
+
+
+def _gather_bytes(blob: bytes, size: int = 1 << 16) -> list[bytes]:
+    """``blob`` of every process, in process order (one collective)."""
+    if jax.process_count() == 1:
+        return [blob]
+    from jax.experimental import multihost_utils
+
+    if len(blob) + 4 > size:
+        raise TrainingError(f"data iterator state of {len(blob)} bytes exceeds {size - 4}")
+    buf = np.zeros(size, np.uint8)
+    buf[:4] = np.frombuffer(np.uint32(len(blob)).tobytes(), np.uint8)
+    buf[4:4 + len(blob)] = np.frombuffer(blob, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [row[4:4 + int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])].tobytes()
+            for row in rows]
