@@ -35,8 +35,9 @@ def _batch(resolution: int, batch: int, classes: int):
             rng.integers(0, classes, (batch, resolution, resolution)).astype(np.uint8))
 
 
-def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
-    """Time the jitted, donated training step of the converted checkpoint."""
+def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict:
+    """Time the jitted, donated training step of the converted checkpoint, computing in
+    ``dtype`` (parameters and optimizer state stay float32)."""
     import jax
     import numpy as np
 
@@ -44,7 +45,7 @@ def worker_jax(ckpt: str, batch: int, runs: int) -> dict:
     from segface_jax.train import optim, step
     from segface_jax.train.mesh import data_mesh
 
-    model = load(ckpt)
+    model = load(ckpt, dtype=None if dtype == "float32" else dtype)
     v = model.variant
     images, labels = _batch(v.resolution, batch, v.num_classes)
     tx = optim.adamw(1e-4, 1e-5)
@@ -129,14 +130,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--torch-device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="JAX compute dtype (parameters stay float32; torch runs float32)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="accelerator peak (float32) for model FLOPs utilisation")
+                   help="accelerator peak at --dtype for model FLOPs utilisation")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         kind, *rest = args.worker
         if kind == "jax":
-            out = worker_jax(rest[0], int(rest[1]), int(rest[2]))
+            out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
         else:
             out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
         print(json.dumps(out))
@@ -153,11 +156,12 @@ def main() -> None:
             pt = seeded_release(v, tmp)
             convert_checkpoint(pt, Path(tmp) / name, name, overwrite=True)
             j = _run(["--worker", "jax", str(Path(tmp) / name), str(args.batch),
-                      str(args.runs)])
+                      str(args.runs), args.dtype])
             t = _run(["--worker", "torch", str(pt), name, str(args.batch), str(args.runs),
                       args.torch_device])
             rows.append((name, j, t))
             print(f"{name}: JAX {j['s']:.2f} s/step, torch {t['s']:.2f} s/step", flush=True)
+    print(f"\nJAX computes in {args.dtype}; torch in float32")
     print("\n| variant | batch | JAX s/step | torch s/step | torch/JAX | JAX img/s | torch img/s"
           " | JAX peak MiB | torch peak MiB | JAX GFLOP/step | MFU |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
