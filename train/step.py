@@ -44,13 +44,16 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group: int | None,
-                   needs_landmarks: bool):
-    """(loss, parts, new rest, grads) of one batch: the differentiable core of the step."""
+                   needs_landmarks: bool, key: jax.Array | None = None):
+    """(loss, parts, new rest, grads) of one batch: the differentiable core of the step.
+
+    ``key`` drives stochastic depth; by default ``fold_in(key(seed), step)``.
+    """
     x = normalize_on_device(batch["image"])
     labels = batch["label"].astype(jnp.int32)
     lm = batch["landmarks"] if needs_landmarks else None
-
-    key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"])
+    if key is None:
+        key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"])
 
     def loss_fn(params, rest):
         model = nnx.merge(graphdef, params, rest)
@@ -69,18 +72,75 @@ def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group:
     return loss, parts, rest, grads
 
 
+def micro_batches(batch: dict, accum_steps: int, dice_group: int) -> dict:
+    """Split a batch into ``accum_steps`` micro-batches of whole Dice groups:
+    (N, ...) -> (accum_steps, N / accum_steps, ...).
+
+    Micro-batch a takes Dice groups a, a + accum_steps, a + 2 accum_steps, ...: each device's
+    contiguous shard of the batch then holds its share of every micro-batch, so the split
+    moves no data between devices (when each shard holds a multiple of ``accum_steps`` groups).
+    """
+    def split(a):
+        n = a.shape[0]
+        groups = a.reshape(n // (dice_group * accum_steps), accum_steps, dice_group,
+                           *a.shape[1:])
+        return jnp.swapaxes(groups, 0, 1).reshape(accum_steps, n // accum_steps, *a.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict,
+                               dice_group: int | None, needs_landmarks: bool,
+                               accum_steps: int = 1):
+    """``loss_and_grads`` of a batch computed in ``accum_steps`` sequential micro-batches.
+
+    The loss is 0.5 CE (a mean over pixels) + 0.5 Dice (a mean over Dice groups); micro-batches
+    of equal size made of whole groups make it, and so its gradient, the mean of the
+    micro-batches' values: the same step as one pass over the batch, with the activation
+    memory of one micro-batch. BatchNorm (batch statistics, in the forward pass) is the
+    exception: each micro-batch normalises with its own statistics and updates the running
+    averages once, as torch's gradient accumulation does.
+    """
+    if accum_steps == 1:
+        return loss_and_grads(graphdef, state, batch, dice_group, needs_landmarks)
+    n = batch["image"].shape[0]
+    if not dice_group or n % (dice_group * accum_steps):
+        raise ValueError(f"accum_steps {accum_steps} needs the batch ({n}) split into whole Dice "
+                         f"groups (dice_group {dice_group}): batch % (dice_group * accum_steps)"
+                         " must be 0")
+    key = jax.random.fold_in(jax.random.key(state["seed"]), state["step"])
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+
+    def one(carry, xs):
+        loss_sum, parts_sum, rest, grad_sum = carry
+        micro, index = xs
+        loss, parts, rest, grads = loss_and_grads(
+            graphdef, {**state, "rest": rest}, micro, dice_group, needs_landmarks,
+            key=jax.random.fold_in(key, index))
+        add = functools.partial(jax.tree.map, jnp.add)
+        return (loss_sum + loss, add(parts_sum, parts), rest, add(grad_sum, grads)), None
+
+    parts0 = {"ce": jnp.zeros(()), "dice": jnp.zeros(())}
+    (loss, parts, rest, grads), _ = jax.lax.scan(
+        one, (jnp.zeros(()), parts0, state["rest"], zeros),
+        (micro_batches(batch, accum_steps, dice_group), jnp.arange(accum_steps)))
+    mean = functools.partial(jax.tree.map, lambda a: a / accum_steps)
+    return loss / accum_steps, mean(parts), rest, mean(grads)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, *, dice_group: int | None,
-                    needs_landmarks: bool, lr_schedule: optax.Schedule | None = None):
+                    needs_landmarks: bool, lr_schedule: optax.Schedule | None = None,
+                    accum_steps: int = 1):
     """jit(state, batch) -> (state, metrics): batch sharded on ``data``, state replicated and
-    donated."""
+    donated; ``accum_steps`` > 1 accumulates gradients over that many micro-batches."""
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
     @functools.partial(jax.jit, donate_argnums=0,
                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
     def step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
-        loss, parts, rest, grads = loss_and_grads(graphdef, state, batch, dice_group,
-                                                  needs_landmarks)
+        loss, parts, rest, grads = accumulated_loss_and_grads(
+            graphdef, state, batch, dice_group, needs_landmarks, accum_steps)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}

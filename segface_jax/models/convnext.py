@@ -13,12 +13,14 @@ from flax import nnx
 
 from segface_jax.models.layers import (
     Dtype,
+    RematUnit,
     depth_rates,
     depthwise_conv,
     gelu,
     layer_norm,
     linear,
     patchify_conv,
+    remat_call,
     stochastic_depth,
 )
 
@@ -55,7 +57,7 @@ class ConvNeXtConfig:
         return self.dims
 
 
-class ConvNeXtBlock(nnx.Module):
+class ConvNeXtBlock(RematUnit, nnx.Module):
     """Depthwise 7x7 conv, LayerNorm, MLP with exact GELU, layer scale, residual."""
 
     def __init__(self, dim: int, kernel_size: int, drop_rate: float = 0.0, *,
@@ -117,7 +119,7 @@ class ConvNeXtStage(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for block in self.blocks:
-            x = block(x)
+            x = remat_call(block, x)
         return x
 
 

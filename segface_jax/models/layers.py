@@ -260,7 +260,42 @@ def set_training(model: nnx.Module, training: bool, rngs: nnx.Rngs | None = None
             module.rngs = rngs.dropout if training and rngs is not None else None
 
 
-class ResidualBlock(nnx.Module):
+REMAT_POLICIES = ("none", "block", "encoder")
+
+
+class RematUnit:
+    """Mixin marking an encoder block: ``set_remat(model, "block")`` rematerialises each one."""
+
+
+def remat_call(module: nnx.Module, x: jnp.ndarray):
+    """``module(x)``, recomputed in the backward pass when ``set_remat`` marked ``module``.
+
+    Only the input is kept for the backward pass; everything inside is computed again there
+    (``nnx.remat``: BatchNorm statistics and stochastic-depth draws are updated as usual).
+    """
+    if getattr(module, "remat", False):
+        return nnx.remat(lambda m, y: m(y))(module, x)
+    return module(x)
+
+
+def set_remat(model: nnx.Module, policy: str) -> None:
+    """Choose what a training step recomputes instead of storing: ``none``, every encoder
+    ``block``, or the whole ``encoder`` (``model.backbone``, keeping only its input)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, not {policy!r}")
+    backbone = model.backbone
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, RematUnit) or module is backbone:
+            module.remat = False
+    if policy == "encoder":
+        backbone.remat = True
+    elif policy == "block":
+        for _, module in nnx.iter_modules(backbone):
+            if isinstance(module, RematUnit):
+                module.remat = True
+
+
+class ResidualBlock(RematUnit, nnx.Module):
     """Apply ``self.block`` (an nnx.List) in order; add the input when ``self.residual``.
 
     Base of torchvision's inverted-residual family (MobileNetV3, (Fused)MBConv), whose
@@ -284,7 +319,7 @@ def tapped_features(features: nnx.List, taps: tuple[int, ...], x: jnp.ndarray) -
     outs = []
     for i, layer in enumerate(features):
         for module in (layer if isinstance(layer, nnx.List) else (layer,)):
-            x = module(x)
+            x = remat_call(module, x)
         if i in taps:
             outs.append(x)
         if i == max(taps):
@@ -297,3 +332,4 @@ def resize_bilinear(x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
     if x.shape[1:3] == tuple(hw):
         return x
     return jax.image.resize(x, (x.shape[0], *hw, x.shape[3]), "bilinear", antialias=False)
+

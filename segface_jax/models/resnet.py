@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from segface_jax.models.layers import BatchNorm, Dtype, apply_conv
+from segface_jax.models.layers import BatchNorm, Dtype, RematUnit, apply_conv, remat_call
 
 _EPS = 1e-5  # torchvision ResNet BatchNorm
 
@@ -41,7 +41,7 @@ def _conv(cin, cout, k, stride, dtype, param_dtype, rngs):
                     use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(RematUnit, nnx.Module):
     """1x1 reduce, 3x3 (strided), 1x1 expand, each with BatchNorm; projection shortcut if needed."""
 
     def __init__(self, cin: int, width: int, stride: int, expansion: int, *, dtype: Dtype = None,
@@ -99,6 +99,6 @@ class ResNet(nnx.Module):
         outs = []
         for blocks in self.layers:
             for block in blocks:
-                x = block(x)
+                x = remat_call(block, x)
             outs.append(x)
         return outs

@@ -11,7 +11,7 @@ from segface_jax import align
 from segface_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from segface_jax.models.decoder import FaceDecoder, MultiScaleFusion, PositionEmbeddingRandom
 from segface_jax.models.efficientnet_v2 import EfficientNetV2, EfficientNetV2Config
-from segface_jax.models.layers import Dtype
+from segface_jax.models.layers import Dtype, remat_call
 from segface_jax.models.mobilenet_v3 import MobileNetV3, MobileNetV3Config
 from segface_jax.models.resnet import ResNet, ResNetConfig
 from segface_jax.models.swin import SwinConfig, SwinTransformer
@@ -74,7 +74,7 @@ class SegFace(nnx.Module):
     def parse(self, images: jnp.ndarray) -> jnp.ndarray:
         """The network without alignment: (B, R, R, 3) -> (B, R, R, classes) float32 logits."""
         x = images.astype(self.dtype) if self.dtype else images
-        fused = self.fusion(self.backbone(x))
+        fused = self.fusion(remat_call(self.backbone, x))
         logits = self.face_decoder(fused, self.pe_layer(*fused.shape[1:3]))
         return logits.astype(jnp.float32)
 

@@ -18,11 +18,13 @@ from flax import nnx
 
 from segface_jax.models.layers import (
     Dtype,
+    RematUnit,
     depth_rates,
     gelu,
     layer_norm,
     linear,
     patchify_conv,
+    remat_call,
     stochastic_depth,
 )
 
@@ -210,7 +212,7 @@ def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
     return (x / jnp.sqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
 
 
-class SwinBlock(nnx.Module):
+class SwinBlock(RematUnit, nnx.Module):
     """Pre-norm Swin block: (shifted) window attention and an MLP, each with a residual."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float,
@@ -296,7 +298,7 @@ class SwinStage(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for block in self.blocks:
-            x = block(x)
+            x = remat_call(block, x)
         return x
 
 
