@@ -168,20 +168,15 @@ def build_reference(variant: Variant, encoder: nn.Module | None = None) -> SegFa
     model = builder(weights=None) if encoder is None else encoder
     backbone = (model.features if kind == "features"
                 else nn.Sequential(*list(model.children())[:-1]))
-    if encoder is not None:
-        dims = _feature_dims(backbone[0])
-    return SegFaceReference(backbone, taps, dims, variant.classes, align=variant.needs_landmarks,
-                            nhwc_features=variant.backbone.startswith("swin"),
-                            taps_in_first=variant.backbone.startswith(("swin", "convnext")))
-
-
-def _feature_dims(features: nn.Module) -> tuple[int, ...]:
-    # widths of the small Swin/ConvNeXt stages: their last LayerNorm's size
-    dims = []
-    for i in (1, 3, 5, 7):
-        norms = [m for m in features[i].modules() if isinstance(m, nn.LayerNorm)]
-        dims.append(norms[-1].normalized_shape[0])
-    return tuple(dims)
+    kw = dict(align=variant.needs_landmarks, nhwc_features=variant.backbone.startswith("swin"),
+              taps_in_first=variant.backbone.startswith(("swin", "convnext")))
+    if encoder is not None:  # a small encoder: read its tapped widths off a dry run
+        probe = SegFaceReference(backbone, taps, dims, variant.classes, **kw)
+        was_training = backbone.training
+        with torch.no_grad():
+            dims = tuple(f.shape[1] for f in probe.eval().features(torch.zeros(1, 3, 64, 64)))
+        backbone.train(was_training)
+    return SegFaceReference(backbone, taps, dims, variant.classes, **kw)
 
 
 # --- alignment, written from the SegFace/facer description (tanh warp, factor 0.8) ----------

@@ -34,16 +34,19 @@ def _mask(path: Path, rows: slice, cols: slice) -> None:
     Image.fromarray(m).save(path)
 
 
-def write_celeba(root: Path) -> Path:
-    """CelebA-HQ-img/<id>.jpg, the 512 px part masks, the mapping and partition files."""
+def write_celeba(root: Path, extra_train: int = 0) -> Path:
+    """CelebA-HQ-img/<id>.jpg, the 512 px part masks, the mapping and partition files;
+    ``extra_train`` more training images (HQ ids 100, 101, ...) for runs that need batches."""
+    celeba = {**CELEBA, **{100 + i: (f"{200 + i:06d}.jpg", 0) for i in range(extra_train)}}
     lines = ["idx\torig_idx\torig_file"]
-    lines += [f"{hq}\t{int(orig[:6]) - 1}\t{orig}" for hq, (orig, _) in sorted(CELEBA.items())]
+    lines += [f"{hq}\t{int(orig[:6]) - 1}\t{orig}" for hq, (orig, _) in sorted(celeba.items())]
     (root / "CelebA-HQ-to-CelebA-mapping.txt").parent.mkdir(parents=True, exist_ok=True)
     (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(lines) + "\n")
     partition = ["000001.jpg 0", "000002.jpg 1", "000003.jpg 2", "000004.jpg 2",
                  "000009.jpg 2", "000005.jpg 2", "000010.jpg 0"]
+    partition += [f"{orig} 0" for hq, (orig, _) in celeba.items() if hq >= 100]
     (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
-    for hq in CELEBA:
+    for hq in celeba:
         _jpeg(root / "CelebA-HQ-img" / f"{hq}.jpg", 96, 96, hq)
         folder = root / "CelebAMask-HQ-mask-anno" / str(hq // 2000)
         _mask(folder / f"{hq:05d}_skin.png", slice(100, 400), slice(100, 400))
