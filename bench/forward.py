@@ -79,8 +79,9 @@ def worker_jax(ckpt: str, batch: int, runs: int, precision: str) -> dict:
 
 
 def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
-                 precision: str) -> dict:
-    """Build the reference, load the same weights, time eager float32 inference."""
+                 precision: str, compiled: bool = False) -> dict:
+    """Build the reference, load the same weights, time float32 inference: eager, or under
+    ``torch.compile`` (inductor; the warm-up call compiles)."""
     import torch
 
     from segface_jax.convert import reference
@@ -93,6 +94,8 @@ def worker_torch(release: str, variant: str, batch: int, runs: int, device: str,
     model = reference.build_reference(v)
     model.load_state_dict({k: torch.from_numpy(a) for k, a in load_state_dict(release).items()})
     model = model.eval().to(device)
+    if compiled:
+        model = torch.compile(model)
     x, lm = _input(v.resolution, batch)
     x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
     lm = torch.from_numpy(lm).to(device) if v.needs_landmarks else None
@@ -131,6 +134,8 @@ def main() -> None:
     p.add_argument("--torch-device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="highest", choices=["highest", "tf32"],
                    help="float32 matmul/conv mode for both frameworks on GPU (CPU is always full)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="add a torch.compile (inductor) column; compiling takes minutes")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -138,7 +143,8 @@ def main() -> None:
         if kind == "jax":
             out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
         else:
-            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4], rest[5])
+            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4], rest[5],
+                               compiled=kind == "torch-compile")
         print(json.dumps(out))
         return
 
@@ -159,7 +165,10 @@ def main() -> None:
                 j = _run_worker(["--worker", "jax", str(ckpt), str(b), str(a.runs), a.precision])
                 t = _run_worker(["--worker", "torch", str(release), name, str(b), str(a.runs),
                                  a.torch_device, a.precision])
-                rows.append((name, b, j, t))
+                c = (_run_worker(["--worker", "torch-compile", str(release), name, str(b),
+                                  str(a.runs), a.torch_device, a.precision])
+                     if a.torch_compile else None)
+                rows.append((name, b, j, t, c))
                 print(f"done {name} batch {b}: jax {j['ms']:.0f} ms, torch {t['ms']:.0f} ms",
                       file=sys.stderr, flush=True)
             release.unlink()
@@ -167,13 +176,15 @@ def main() -> None:
     print(f"\nJAX device: {rows[0][2]['device']}; torch: {rows[0][3]['device']}, "
           f"{rows[0][3]['threads']} threads; median of {a.runs} runs; "
           f"float32 matmul precision {a.precision}\n")
-    print(f"| variant | batch | JAX ms | torch ms | torch/JAX | JAX img/s | torch img/s "
-          f"| JAX compile s | JAX {mem} | torch {mem} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, b, j, t in rows:
+    compiled_head = "torch.compile ms | JAX vs compile | " if a.torch_compile else ""
+    print(f"| variant | batch | JAX ms | torch ms | torch/JAX | {compiled_head}JAX img/s "
+          f"| torch img/s | JAX compile s | JAX {mem} | torch {mem} |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * (5 + 2 * a.torch_compile))
+    for name, b, j, t, c in rows:
+        compiled_cells = f"{c['ms']:.1f} | {c['ms'] / j['ms']:.2f} | " if c else ""
         print(f"| {name} | {b} | {j['ms']:.1f} | {t['ms']:.1f} | {t['ms'] / j['ms']:.2f} | "
-              f"{1000 * b / j['ms']:.2f} | {1000 * b / t['ms']:.2f} | {j['compile_s']:.1f} | "
-              f"{j['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
+              f"{compiled_cells}{1000 * b / j['ms']:.2f} | {1000 * b / t['ms']:.2f} | "
+              f"{j['compile_s']:.1f} | {j['peak_mb']:.0f} | {t['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,15 @@ python3 bench/forward.py --torch-device cuda --batch 1 8 --runs 20 \
 for dtype in float32 bfloat16; do
   peak=$([ "$dtype" = bfloat16 ] && echo 989.4 || echo 494.7)
   for batch in 4 8 16; do
+    # torch runs float32 in both passes: its torch.compile column is taken once, with float32
+    compiled=$([ "$dtype" = float32 ] && echo --torch-compile || true)
     python3 bench/train_step.py --torch-device cuda --dtype "$dtype" --peak-tflops "$peak" \
-      --batch "$batch" --runs 10 --variants swinb_celeba_512 mobilenet_celeba_512 \
+      --batch "$batch" --runs 10 --variants swinb_celeba_512 mobilenet_celeba_512 $compiled \
       >> "$OUT/bench_train_gpu.txt" 2>&1 || echo "train_step $dtype batch $batch failed" \
       >> "$OUT/bench_train_gpu.txt"
   done
 done
+# Per-device memory of the training step, like for like: XLA's memory analysis and the measured
+# peak_bytes_in_use (JAX) against torch.cuda.max_memory_allocated (torch, float32).
+python3 bench/memory.py --torch-device cuda --batch 1 2 4 8 > "$OUT/bench_memory_gpu.txt" 2>&1 \
+  || echo "memory benchmark failed" >> "$OUT/bench_memory_gpu.txt"

@@ -6,8 +6,10 @@
 One step = forward, 0.5 CE + 0.5 Dice, backward, AdamW (lr 1e-4, wd 1e-5), in training mode
 (BatchNorm batch statistics; stochastic depth as torchvision's default). Both start from the
 same seeded release-format weights. Each (framework, variant) runs in its own process; we
-report the median step after two warm-up steps (compilation for JAX), images/s, and peak
-resident memory (peak device memory and model FLOPs utilisation on a GPU).
+report the median step after two warm-up steps (compilation for JAX, and for torch.compile
+with ``--torch-compile``), images/s, the step's FLOPs from XLA's cost analysis and the
+GFLOP/s each side reaches (against ``--peak-tflops``), and on a GPU peak device memory.
+Memory like for like on any device: bench/memory.py.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import _rss_mb  # noqa: E402
 
 DEFAULT_VARIANTS = ["mobilenet_celeba_512", "swinb_celeba_224"]
 
@@ -57,23 +56,26 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
                                  needs_landmarks=v.needs_landmarks)
     b = {"image": images, "label": labels, "landmarks": np.zeros((batch, 5, 2), np.float32)}
     lowered = train.lower(state, b)
-    flops = (lowered.compile().cost_analysis() or {}).get("flops")
+    compiled = lowered.compile()  # timed below as it is: nothing compiles twice
+    flops = (compiled.cost_analysis() or {}).get("flops")
     times = []
     for i in range(runs + 2):
         t0 = time.perf_counter()
-        state, metrics = train(state, b)
+        state, metrics = compiled(state, b)
         jax.block_until_ready(metrics["loss"])
         if i >= 2:
             times.append(time.perf_counter() - t0)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
-    peak = stats["peak_bytes_in_use"] / 2**20 if stats else _rss_mb()
+    peak = stats["peak_bytes_in_use"] / 2**20 if stats else None
     return {"s": statistics.median(times), "peak_mb": peak, "flops": flops,
             "device": str(dev.device_kind)}
 
 
-def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str) -> dict:
-    """Time upstream's step on the PyTorch reference (torch.optim.AdamW)."""
+def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
+                 compiled: bool = False) -> dict:
+    """Time upstream's step on the PyTorch reference (torch.optim.AdamW), eager or with the
+    model under ``torch.compile`` (inductor; the warm-up steps compile)."""
     import numpy as np
     import torch
 
@@ -84,6 +86,7 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str) -> d
     model = reference.build_reference(v)
     model.load_state_dict(torch.load(pt, weights_only=True)["state_dict_backbone"])
     model = model.to(device).train()
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     images, labels = _batch(v.resolution, batch, v.num_classes)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
@@ -104,7 +107,7 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str) -> d
     for i in range(runs + 2):
         t0 = time.perf_counter()
         opt.zero_grad()
-        logits = model(x, lm)
+        logits = forward(x, lm)
         loss = 0.5 * torch.nn.functional.cross_entropy(logits, y) + 0.5 * dice(logits)
         loss.backward()
         opt.step()
@@ -112,7 +115,7 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str) -> d
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else _rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
     return {"s": statistics.median(times), "peak_mb": peak}
 
 
@@ -132,8 +135,11 @@ def main() -> None:
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="JAX compute dtype (parameters stay float32; torch runs float32)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="add a torch.compile (inductor) column; compiling takes minutes")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="accelerator peak at --dtype for model FLOPs utilisation")
+                   help="the device's peak at --dtype (CPU: e.g. 0.157 for 2 AVX2 cores), "
+                        "for the share of peak each side reaches")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -141,7 +147,8 @@ def main() -> None:
         if kind == "jax":
             out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
         else:
-            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
+            out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4],
+                               compiled=kind == "torch-compile")
         print(json.dumps(out))
         return
 
@@ -149,6 +156,7 @@ def main() -> None:
     from segface_jax.convert.parity import seeded_release
     from segface_jax.variants import get_variant
 
+    torch_kinds = ["torch", "torch-compile"] if args.torch_compile else ["torch"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="segface-bench-train-") as tmp:
         for name in args.variants:
@@ -157,21 +165,37 @@ def main() -> None:
             convert_checkpoint(pt, Path(tmp) / name, name, overwrite=True)
             j = _run(["--worker", "jax", str(Path(tmp) / name), str(args.batch),
                       str(args.runs), args.dtype])
-            t = _run(["--worker", "torch", str(pt), name, str(args.batch), str(args.runs),
-                      args.torch_device])
+            t = [_run(["--worker", kind, str(pt), name, str(args.batch), str(args.runs),
+                       args.torch_device]) for kind in torch_kinds]
             rows.append((name, j, t))
-            print(f"{name}: JAX {j['s']:.2f} s/step, torch {t['s']:.2f} s/step", flush=True)
-    print(f"\nJAX computes in {args.dtype}; torch in float32")
-    print("\n| variant | batch | JAX s/step | torch s/step | torch/JAX | JAX img/s | torch img/s"
-          " | JAX peak MiB | torch peak MiB | JAX GFLOP/step | MFU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            print(f"{name}: JAX {j['s']:.2f} s/step, "
+                  + ", ".join(f"{k} {r['s']:.2f} s/step" for k, r in zip(torch_kinds, t)),
+                  flush=True)
+    print(f"\nJAX computes in {args.dtype}, torch in float32; {j['device']}; GFLOP/s is the "
+          "step's FLOPs (XLA cost analysis) per second of each side")
+    compile_head = " torch.compile s/step | JAX vs compile |" if args.torch_compile else ""
+    peak_head = " JAX % of peak | torch % of peak |" if args.peak_tflops else ""
+    gpu = args.torch_device != "cpu"
+    mem_head = " JAX peak MiB | torch peak MiB |" if gpu else ""
+    print(f"\n| variant | batch | JAX s/step | torch eager s/step | JAX speed vs eager |"
+          f"{compile_head} JAX img/s | GFLOP/step | JAX GFLOP/s | torch GFLOP/s |"
+          f"{peak_head}{mem_head}")
+    print("|---|---:" + "|---:" * (7 + 2 * args.torch_compile + 2 * bool(args.peak_tflops)
+                                   + 2 * gpu) + "|")
     for name, j, t in rows:
-        gflop = f"{j['flops'] / 1e9:.0f}" if j["flops"] else "-"
-        mfu = (f"{100 * j['flops'] / j['s'] / (args.peak_tflops * 1e12):.1f}%"
-               if j["flops"] and args.peak_tflops else "-")
-        print(f"| {name} | {args.batch} | {j['s']:.2f} | {t['s']:.2f} | {t['s'] / j['s']:.2f} "
-              f"| {args.batch / j['s']:.2f} | {args.batch / t['s']:.2f} | {j['peak_mb']:.0f} "
-              f"| {t['peak_mb']:.0f} | {gflop} | {mfu} |")
+        flops = j["flops"] or float("nan")
+        cells = [name, args.batch, f"{j['s']:.2f}", f"{t[0]['s']:.2f}",
+                 f"{t[0]['s'] / j['s']:.2f}x"]
+        if args.torch_compile:
+            cells += [f"{t[1]['s']:.2f}", f"{t[1]['s'] / j['s']:.2f}x"]
+        cells += [f"{args.batch / j['s']:.2f}", f"{flops / 1e9:.0f}",
+                  f"{flops / j['s'] / 1e9:.0f}", f"{flops / t[0]['s'] / 1e9:.0f}"]
+        if args.peak_tflops:
+            cells += [f"{100 * flops / s / (args.peak_tflops * 1e12):.0f}%"
+                      for s in (j["s"], t[0]["s"])]
+        if gpu:
+            cells += [f"{j['peak_mb']:.0f}", f"{t[0]['peak_mb']:.0f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":
