@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,9 +135,8 @@ def worker_torch(variant: str, batch: int, device: str) -> dict:
     return {"peak": peak}
 
 
-def _run(args: list[str], env: dict[str, str] | None = None) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                          env=env)
+def _run(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,12 +167,7 @@ def main() -> None:
 
     gib = 2.0**30
     run = "run" if args.torch_device != "cpu" else "compile"
-    # Compile-only on a CPU: buffer assignment (what memory_analysis reports) comes before
-    # LLVM's code generation, whose optimisation these flags switch off (same bytes, measured;
-    # compiling takes half the time)
-    env = None if run == "run" else {**os.environ, "XLA_FLAGS": (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-        " --xla_llvm_disable_expensive_passes=true")}
+
     print("| variant | batch/device | remat | dtype | arguments | temporaries | outputs - aliased"
           " | JAX peak (XLA) | JAX peak (measured) | torch peak (float32, no remat) |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
@@ -184,7 +177,7 @@ def main() -> None:
                  else _run(["--worker", "torch", name, str(batch), args.torch_device]))
             for remat in args.remat:
                 for dtype in args.dtype:
-                    j = _run(["--worker", "jax", name, str(batch), remat, dtype, run], env)
+                    j = _run(["--worker", "jax", name, str(batch), remat, dtype, run])
                     measured = (f"{j['measured_peak'] / gib:.2f}" if "measured_peak" in j
                                 else "-")
                     torch_peak = (f"{t['peak'] / gib:.2f}"
