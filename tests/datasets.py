@@ -44,7 +44,7 @@ def write_celeba(root: Path, extra_train: int = 0) -> Path:
     (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(lines) + "\n")
     partition = ["000001.jpg 0", "000002.jpg 1", "000003.jpg 2", "000004.jpg 2",
                  "000009.jpg 2", "000005.jpg 2", "000010.jpg 0"]
-    partition += [f"{orig} 0" for hq, (orig, _) in celeba.items() if hq >= 100]
+    partition += [f"{orig} 0" for hq, (orig, _) in celeba.items() if hq not in CELEBA]
     (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
     for hq in celeba:
         _jpeg(root / "CelebA-HQ-img" / f"{hq}.jpg", 96, 96, hq)

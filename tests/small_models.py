@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 from torch import nn
 from torchvision.models import convnext, efficientnet, mobilenetv3, resnet
 from torchvision.models import swin_transformer as tv_swin
@@ -98,5 +97,3 @@ def no_stochastic_depth(model: nn.Module) -> nn.Module:
             m.p = 0.0
     return model
 
-
-__all__ = ["FAMILY_VARIANT", "jax_config", "no_stochastic_depth", "torch", "torch_encoder"]
