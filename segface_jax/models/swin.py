@@ -204,12 +204,15 @@ class WindowAttention(nnx.Module):
 def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
     """torch ``F.normalize(x, dim=-1)``: x / max(||x||, eps), with torch's gradient at x = 0.
 
-    sqrt(max(sum x^2, eps^2)) equals max(||x||, eps), but its gradient stays finite where
-    x = 0 (SwinV2's padded window tokens have k = 0): below eps the norm is the constant eps,
-    so the gradient is 1 / eps, as torch's. The plain sqrt's gradient there is 0 * inf = NaN.
+    SwinV2's padded window tokens have k = 0, where sqrt's derivative is infinite and the
+    plain norm's gradient 0 * inf = NaN; torch's is finite there. The square root therefore
+    never sees a 0 (the double ``where``): the values are the plain formula's, bit for bit,
+    and at x = 0 the gradient is x's own path, 1 / eps, as torch's.
     """
     sq = jnp.sum(x.astype(jnp.float32) ** 2, axis=-1, keepdims=True)
-    return (x / jnp.sqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
+    nonzero = sq > 0
+    norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 class SwinBlock(RematUnit, nnx.Module):
