@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import _batch  # noqa: E402
+from train_step import _batch, run_worker, torch_step  # noqa: E402
 
 DEFAULT_VARIANTS = ["swinb_celeba_512", "mobilenet_celeba_512"]
 
@@ -87,40 +86,15 @@ def worker_jax(variant: str, batch: int, remat: str, dtype: str, run: bool) -> d
 
 def worker_torch(variant: str, batch: int, device: str) -> dict:
     """Peak tensor memory of upstream's float32 step (the allocator's, not the process's)."""
-    import numpy as np
     import torch
 
-    from segface_jax.convert import reference
-    from segface_jax.variants import get_variant
-
-    v = get_variant(variant)
-    images, labels = _batch(v.resolution, batch, v.num_classes)
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-
     def run() -> None:
-        model = reference.build_reference(v).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
-        x = torch.from_numpy(((images / np.float32(255) - mean) / std).astype(np.float32))
-        x = x.permute(0, 3, 1, 2).contiguous().to(device)
-        y = torch.from_numpy(labels.astype(np.int64)).to(device)
-        lm = torch.zeros(batch, 5, 2, device=device) if v.needs_landmarks else None
-        for _ in range(2):  # the second step holds the first step's optimizer state too
-            opt.zero_grad()
-            logits = model(x, lm)
-            p = logits.softmax(1)
-            t = torch.nn.functional.one_hot(y, v.num_classes).permute(0, 3, 1, 2).float()
-            inter = (p * t).sum((0, 2, 3))
-            dice = (2 * inter + 1e-5) / ((p * p).sum((0, 2, 3)) + (t * t).sum((0, 2, 3))
-                                          + 1e-5)
-            loss = (0.5 * torch.nn.functional.cross_entropy(logits, y)
-                    + 0.5 * (1 - dice).mean())
-            loss.backward()
-            opt.step()
+        step = torch_step(variant, batch, device)
+        step()
+        step()  # the second step also holds the first step's optimizer state
 
     if device != "cpu":
         run()
-        torch.cuda.synchronize()
         return {"peak": torch.cuda.max_memory_allocated()}
     from torch.profiler import ProfilerActivity, profile
 
@@ -136,10 +110,7 @@ def worker_torch(variant: str, batch: int, device: str) -> dict:
 
 
 def _run(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, args)
 
 
 def main() -> None:

@@ -72,10 +72,11 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
             "device": str(dev.device_kind)}
 
 
-def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
-                 compiled: bool = False) -> dict:
-    """Time upstream's step on the PyTorch reference (torch.optim.AdamW), eager or with the
-    model under ``torch.compile`` (inductor; the warm-up steps compile)."""
+def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
+               compiled: bool = False):
+    """Upstream's training step on the PyTorch reference (``pt``'s weights, or torch's random
+    init), ready to call: forward (eager, or the model under ``torch.compile``), 0.5 CE +
+    0.5 Dice, backward, ``torch.optim.AdamW``."""
     import numpy as np
     import torch
 
@@ -84,7 +85,8 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
 
     v = get_variant(variant)
     model = reference.build_reference(v)
-    model.load_state_dict(torch.load(pt, weights_only=True)["state_dict_backbone"])
+    if pt is not None:
+        model.load_state_dict(torch.load(pt, weights_only=True)["state_dict_backbone"])
     model = model.to(device).train()
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
@@ -103,9 +105,7 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
         d = (2 * inter + 1e-5) / ((p * p).sum((0, 2, 3)) + (t * t).sum((0, 2, 3)) + 1e-5)
         return (1 - d).mean()
 
-    times = []
-    for i in range(runs + 2):
-        t0 = time.perf_counter()
+    def step() -> None:
         opt.zero_grad()
         logits = forward(x, lm)
         loss = 0.5 * torch.nn.functional.cross_entropy(logits, y) + 0.5 * dice(logits)
@@ -113,17 +113,37 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
         opt.step()
         if device != "cpu":
             torch.cuda.synchronize()
+
+    return step
+
+
+def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
+                 compiled: bool = False) -> dict:
+    """Time upstream's step (``torch_step``), eager or under ``torch.compile`` (inductor; the
+    warm-up steps compile)."""
+    import torch
+
+    step = torch_step(variant, batch, device, pt, compiled)
+    times = []
+    for i in range(runs + 2):
+        t0 = time.perf_counter()
+        step()
         if i >= 2:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
     return {"s": statistics.median(times), "peak_mb": peak}
 
 
-def _run(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def run_worker(script: str, args: list[str]) -> dict:
+    """Run ``script --worker ...`` in a fresh process; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(args: list[str]) -> dict:
+    return run_worker(__file__, args)
 
 
 def main() -> None:
