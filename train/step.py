@@ -99,7 +99,7 @@ def accumulated_loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict,
     micro-batches' values: the same step as one pass over the batch, with the activation
     memory of one micro-batch. BatchNorm (batch statistics, in the forward pass) is the
     exception: each micro-batch normalises with its own statistics and updates the running
-    averages once, as torch's gradient accumulation does.
+    averages in turn, as torch's gradient accumulation does.
     """
     if accum_steps == 1:
         return loss_and_grads(graphdef, state, batch, dice_group, needs_landmarks)
