@@ -18,11 +18,11 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Test files that need the converter extra (torch, torchvision, segment-anything).
-_TORCH_TESTS = ["test_modules.py", "test_modules_v3.py", "test_converter.py",
-                "test_parity_native.py", "test_cli.py", "test_convert_backbone.py",
-                "test_parser.py", "test_predict_cli.py", "test_export.py", "test_data.py",
-                "test_training.py", "test_train_loop.py"]
+import pytest  # noqa: E402
+
+# The converter extra's packages. Without them a test module that imports one is reported as
+# skipped, with the reason, by ``-ra``; in CI (``CI`` set) their absence is an error instead.
+_EXTRAS = ("torch", "torchvision", "segment_anything")
 
 try:
     import segment_anything  # noqa: F401
@@ -31,5 +31,23 @@ try:
 except ImportError as _e:
     if os.environ.get("CI"):  # parity tests are never skipped in CI: a missing torch fails
         raise RuntimeError(f"CI must run the parity tests, but {_e.name} is missing") from _e
-    collect_ignore = _TORCH_TESTS
-    print(f"segface-jax tests: {_e.name} missing, skipping {', '.join(_TORCH_TESTS)}")
+
+
+class _TestModule(pytest.Module):
+    """A test module that skips visibly when it needs a missing converter-extra package."""
+
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except self.CollectError as e:
+            cause = e.__cause__
+            if (isinstance(cause, ModuleNotFoundError) and cause.name in _EXTRAS
+                    and not os.environ.get("CI")):
+                pytest.skip(f"{self.path.name} needs {cause.name}: pip install -e '.[convert]'"
+                            " (or '.[test]')", allow_module_level=True)
+            raise
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """Collect every test module through ``_TestModule``."""
+    return _TestModule.from_parent(parent, path=module_path)
