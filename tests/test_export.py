@@ -23,6 +23,9 @@ from tests import release
 # the logits by up to ~1e-4: the LaPa bound is 2e-5 + 2 x 9.9e-5, torch's own float32-vs-float64
 # noise on the same model (measured in test_parity_native.py).
 REL_BAR = {"swinb_celeba_224": 2e-5, "swinb_lapa_224": 2e-5 + 2 * 9.9e-5}
+# A StableHLO artifact is the same JAX program compiled by the same XLA, so no second set of
+# kernels is involved and the project bar holds for LaPa too (measured: 1.2e-6 to 1.5e-6).
+STABLEHLO_BAR = 2e-5
 
 
 def _inputs(variant: str, batch: int):
@@ -32,12 +35,12 @@ def _inputs(variant: str, batch: int):
     return (x, lm) if "lapa" in variant else (x,)
 
 
-def _check(variant: str, got: np.ndarray, want: np.ndarray) -> float:
+def _check(variant: str, got: np.ndarray, want: np.ndarray, bar: float | None = None) -> float:
     rel = float(np.abs(got - want).max() / np.abs(want).max())
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
     print(f"\n{variant}: relative {rel:.2e}, argmax agreement {100 * agree:.4f}%")
     assert got.shape == want.shape and got.dtype == np.float32
-    assert rel <= REL_BAR[variant] and agree >= 0.9999
+    assert rel <= (REL_BAR[variant] if bar is None else bar) and agree >= 0.9999
     return rel
 
 
@@ -54,7 +57,7 @@ def test_stablehlo_artifact_any_batch(tmp_path, capsys, variant):
     for batch in (1, 3) if variant == "swinb_celeba_224" else (2,):  # symbolic batch dimension
         args = _inputs(variant, batch)
         want = np.asarray(model(args[0], landmarks=args[1] if len(args) > 1 else None))
-        _check(variant, np.asarray(exported.call(*args)), want)
+        _check(variant, np.asarray(exported.call(*args)), want, STABLEHLO_BAR)
 
 
 @pytest.mark.parametrize("variant", ["swinb_celeba_224", "swinb_lapa_224"])

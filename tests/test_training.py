@@ -136,8 +136,11 @@ def test_one_training_step_matches_torch():
     """Loss, gradients and the AdamW update of one step, small Swin SegFace, batch 2, 64 px.
 
     Loss: 2e-6 relative (float32 sums over 8192 pixels). Gradients: against a float64 run of
-    the same torch model, every tensor of ours must be within 2x (+1e-6) of torch's largest
-    float32 error (measured 4.3e-6 vs 4.2e-6). The update is checked below.
+    the same torch model, tensor by tensor, our distance (relative to the tensor's scale) must
+    be within 2x torch float32's distance on that same tensor, + 1e-6 (8 float32 ulps: where
+    torch's rounding happens to be lucky-small, the bar stays at float32 resolution). Measured
+    on an AVX2 EPYC: largest ours 5.9e-6, torch 6.5e-6; the tightest tensor (a LayerNorm scale)
+    at 1.6e-6 against torch's 7.8e-7. The update is checked below.
     """
     v, cfg, ref, model = _reference_pair()
     for m in ref.modules():  # this small torchvision Swin defaults to stochastic depth 0.1
@@ -170,14 +173,14 @@ def test_one_training_step_matches_torch():
     ours = {".".join(map(str, k)): np.asarray(v_.get_value())
             for k, v_ in nnx.to_flat_state(grads)}
     # Gradients that are zero in exact arithmetic stay at noise level (1e-5 of the largest
-    # gradient); every other tensor is compared relative to its own scale against torch's
-    # largest float32-vs-float64 gap.
+    # gradient); every other tensor is held to torch's float32-vs-float64 gap on that tensor.
     errors, zero_noise = gradient_errors(ours, g32, g64)
     worst = max(o for o, _ in errors.values())
     torch_noise = max(t for _, t in errors.values())
     print(f"\ngradients vs torch float64: ours {worst:.2e}, torch float32 {torch_noise:.2e}")
-    assert set(ours) <= set(g64)
-    assert worst <= 2 * torch_noise + 1e-6 and zero_noise <= 1e-5
+    assert set(ours) <= set(g64) and zero_noise <= 1e-5
+    over = {k: e for k, e in errors.items() if e[0] > 2 * e[1] + 1e-6}
+    assert not over, over
 
     # The update: our new parameters against torch's float32 step. Adam's first step moves a
     # weight by lr * g / (|g| + eps) (plus lr * wd * p): where |g| >> eps both move by ~lr and
