@@ -22,8 +22,24 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-from segface_jax.align import STANDARD_FACE_POINTS, WARP_FACTOR
 from segface_jax.variants import Variant
+
+# Upstream's literal values (shared/SEGFACE.md), written out here rather than imported from
+# segface_jax, so that a wrong constant in the port cannot also be in its reference: the
+# standard 5 face points on a 512 canvas mapped to [-1, 1], the tanh-warp factor, and the
+# class-token order of each dataset's heads.
+UPSTREAM_FACE_POINTS = (torch.tensor([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0],
+                                      [220.0, 360.4], [292.0, 360.4]]) / 256.0 - 1.0)
+UPSTREAM_WARP_FACTOR = 0.8
+UPSTREAM_CLASSES = {
+    "celebamask_hq": ("background", "neck", "face", "cloth", "rightear", "leftear", "rightbro",
+                      "leftbro", "righteye", "lefteye", "nose", "innermouth", "lowerlip",
+                      "upperlip", "hair", "glass", "hat", "earring", "necklace"),
+    "lapa": ("background", "face", "leftbro", "rightbro", "lefteye", "righteye", "nose",
+             "upperlip", "innermouth", "lowerlip", "hair"),
+    "helen": ("background", "face", "leftbro", "rightbro", "lefteye", "righteye", "nose",
+              "upperlip", "innermouth", "lowerlip", "hair"),
+}
 
 # torchvision builder, upstream's backbone module, the tapped indices and their widths.
 # Swin/SwinV2/ConvNeXt and ResNet keep the classifier minus its head (Sequential of children),
@@ -168,15 +184,16 @@ def build_reference(variant: Variant, encoder: nn.Module | None = None) -> SegFa
     model = builder(weights=None) if encoder is None else encoder
     backbone = (model.features if kind == "features"
                 else nn.Sequential(*list(model.children())[:-1]))
+    classes = UPSTREAM_CLASSES[variant.dataset]
     kw = dict(align=variant.needs_landmarks, nhwc_features=variant.backbone.startswith("swin"),
               taps_in_first=variant.backbone.startswith(("swin", "convnext")))
     if encoder is not None:  # a small encoder: read its tapped widths off a dry run
-        probe = SegFaceReference(backbone, taps, dims, variant.classes, **kw)
+        probe = SegFaceReference(backbone, taps, dims, classes, **kw)
         was_training = backbone.training
         with torch.no_grad():
             dims = tuple(f.shape[1] for f in probe.eval().features(torch.zeros(1, 3, 64, 64)))
         backbone.train(was_training)
-    return SegFaceReference(backbone, taps, dims, variant.classes, **kw)
+    return SegFaceReference(backbone, taps, dims, classes, **kw)
 
 
 # --- alignment, written from the SegFace/facer description (tanh warp, factor 0.8) ----------
@@ -195,7 +212,7 @@ def _similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 def face_align_matrix(landmarks: torch.Tensor, resolution: int) -> torch.Tensor:
     """Similarity taking (B, 5, 2) landmarks to the standard points scaled to (R - 1) / 2."""
-    target = (torch.from_numpy(STANDARD_FACE_POINTS).to(landmarks) + 1) * (resolution - 1) / 2
+    target = (UPSTREAM_FACE_POINTS.to(landmarks) + 1) * (resolution - 1) / 2
     return _similarity(landmarks, target.expand_as(landmarks))
 
 
@@ -209,7 +226,8 @@ def _project(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return homo[..., :2] / homo[..., 2:]
 
 
-def warp_grid(matrix: torch.Tensor, warped_hw, orig_hw, f: float = WARP_FACTOR) -> torch.Tensor:
+def warp_grid(matrix: torch.Tensor, warped_hw, orig_hw,
+              f: float = UPSTREAM_WARP_FACTOR) -> torch.Tensor:
     """grid_sample grid from the original image into the aligned tanh-warped crop."""
     h, w = warped_hw
     wh = torch.tensor([w, h]).to(matrix)
@@ -223,7 +241,7 @@ def warp_grid(matrix: torch.Tensor, warped_hw, orig_hw, f: float = WARP_FACTOR) 
 
 
 def inverse_warp_grid(matrix: torch.Tensor, warped_hw, orig_hw,
-                      f: float = WARP_FACTOR) -> torch.Tensor:
+                      f: float = UPSTREAM_WARP_FACTOR) -> torch.Tensor:
     """grid_sample grid from the warped crop back onto the original image."""
     h, w = warped_hw
     wh = torch.tensor([w, h]).to(matrix)

@@ -246,3 +246,18 @@ def test_small_models_match_torch_through_the_rules(name, size):
           f"argmax {100 * result.argmax_agreement:.4f}%")
     assert result.relative <= (1e-4 if v.needs_landmarks else 2e-5)
     assert result.argmax_agreement >= 0.9999
+
+
+def test_port_constants_are_upstream_literals():
+    """The reference carries upstream's constants as literals (not imported from the port), so
+    the parity tests catch a wrong one; here the port's own copies are held to them."""
+    from segface_jax import align, variants
+    from segface_jax.convert import reference
+
+    np.testing.assert_array_equal(align.STANDARD_FACE_POINTS,
+                                  reference.UPSTREAM_FACE_POINTS.numpy())
+    assert align.WARP_FACTOR == reference.UPSTREAM_WARP_FACTOR == 0.8
+    for v in variants.VARIANTS.values():
+        assert v.classes == reference.UPSTREAM_CLASSES[v.dataset], v.name
+    assert len(reference.UPSTREAM_CLASSES["celebamask_hq"]) == 19
+    assert reference.UPSTREAM_CLASSES["celebamask_hq"][:3] == ("background", "neck", "face")
