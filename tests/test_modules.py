@@ -124,6 +124,42 @@ def test_two_way_transformer():
     assert rel_error(np.asarray(k), k_ref.numpy()) <= TOL
 
 
+class _TorchFusion(torch.nn.Module):
+    """Upstream's fusion: project, resize to stride 4, concatenate deepest-first, 1x1 conv."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.linear_c = torch.nn.ModuleList(reference._Proj(d) for d in dims)
+        self.linear_fuse = torch.nn.Conv2d(4 * 256, 256, kernel_size=1, bias=False)
+
+    def forward(self, feats):
+        maps = [F.interpolate(p(f), size=feats[0].shape[-2:], mode="bilinear",
+                              align_corners=False) for p, f in zip(self.linear_c, feats)]
+        return self.linear_fuse(torch.cat(maps[::-1], dim=1))
+
+
+def test_fusion_equals_upstream_concatenate_then_fuse():
+    """Ours sums per-scale products with the fuse kernel's blocks instead of concatenating
+    (decoder.MultiScaleFusion): the same linear map, so it must be as close to torch float64
+    as torch's own float32 concatenate-then-fuse (2x + 2e-7; measured 4.9e-7 vs 1.2e-6), and a
+    swapped block order (deepest-first is upstream's) must fail."""
+    dims = (24, 40, 112, 160)
+    tm = reference.randomize(_TorchFusion(dims), 9).eval()
+    jm = copy_from_torch(decoder.MultiScaleFusion(dims, rngs=nnx.Rngs(0)), tm, DECODER_RULES,
+                         "", "fusion.")
+    feats = [_rand(2, d, s, s + 1, seed=i) for i, (d, s) in enumerate(zip(dims, (18, 9, 5, 3)))]
+    with torch.no_grad():
+        ref32 = to_nhwc(tm(feats))
+        ref64 = to_nhwc(tm.double()([f.double() for f in feats]))
+    out = np.asarray(jm([to_nhwc(f) for f in feats]))
+    ours, theirs = rel_error(out, ref64), rel_error(ref32, ref64)
+    print(f"\nfusion vs float64: ours {ours:.1e}, torch float32 {theirs:.1e}")
+    assert out.shape == (2, 18, 19, 256) and ours <= 2 * theirs + 2e-7
+    kernel = jm.linear_fuse.kernel[...]
+    jm.linear_fuse.kernel.set_value(jnp.concatenate(jnp.split(kernel, 4)[::-1]))
+    assert rel_error(np.asarray(jm([to_nhwc(f) for f in feats])), ref64) > 1e-2
+
+
 def test_conv_transpose_kernel_is_not_mirrored():
     tm = reference.randomize(torch.nn.ConvTranspose2d(16, 8, 2, 2), 6)
     x = _rand(2, 16, 5, 7)

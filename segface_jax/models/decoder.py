@@ -17,10 +17,20 @@ DIM = 256  # decoder width of every released model
 
 
 class MultiScaleFusion(nnx.Module):
-    """Project features to 256 channels, upsample to stride 4, concat deepest-first, fuse."""
+    """Project features to 256 channels, upsample to stride 4, concat deepest-first, fuse.
+
+    Upstream computes ``linear_fuse(concat_i(resize(f_i @ P_i + b_i)))``. Every step there is
+    linear and a bilinear resize's weights sum to 1 at every output pixel, so this equals
+    ``sum_i resize(f_i @ (P_i @ W_i)) + b_i @ W_i``, where ``W_i`` is the block of the fuse
+    kernel that multiplies map i. That is what runs: the same parameters, float32 rounding
+    apart (tests/test_modules.py holds it to torch), without the (B, H/4, W/4, 4 * dim)
+    concatenation and its 4 * dim x dim matmul at stride 4 (29% of MobileNetV3-512's forward
+    FLOPs, 4% of Swin-B-512's), in the forward pass and twice in the backward.
+    """
 
     def __init__(self, in_dims: Sequence[int], dim: int = DIM, *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
         self.linear_c = nnx.List([linear(d, dim, dtype, param_dtype, rngs) for d in in_dims])
         # torch: 1x1 Conv2d(4 * dim, dim, bias=False), here the equivalent dense layer.
         self.linear_fuse = linear(len(in_dims) * dim, dim, dtype, param_dtype, rngs,
@@ -29,8 +39,16 @@ class MultiScaleFusion(nnx.Module):
     def __call__(self, features: Sequence[jnp.ndarray]) -> jnp.ndarray:
         # features: NHWC maps, the first at stride 4 -> (B, H/4, W/4, dim).
         hw = features[0].shape[1:3]
-        maps = [resize_bilinear(proj(f), hw) for proj, f in zip(self.linear_c, features)]
-        return self.linear_fuse(jnp.concatenate(maps[::-1], axis=-1))
+        fuse = self.linear_fuse.kernel[...]  # (4 * dim, dim), rows in deepest-first order
+        dim, n = fuse.shape[1], len(features)
+        out, bias = None, 0.0
+        for i, (proj, f) in enumerate(zip(self.linear_c, features)):
+            w = fuse[(n - 1 - i) * dim:(n - i) * dim]  # the rows that multiply map i
+            dt = self.dtype or f.dtype
+            m = resize_bilinear(f.astype(dt) @ (proj.kernel[...] @ w).astype(dt), hw)
+            out = m if out is None else out + m
+            bias = bias + proj.bias[...] @ w
+        return out + bias.astype(out.dtype)
 
 
 class PositionEmbeddingRandom(nnx.Module):
