@@ -22,10 +22,23 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.gelu(x, approximate=False)
 
 
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` over the rows of the input's (-1, C) view.
+
+    The same per-row arithmetic. What changes is the backward pass: the scale and bias
+    gradients become sums over axis 0 of a 2-D array. On a (1, N, C) array (batch 1), XLA:CPU
+    sends the sum to YNNPACK as a sum over axis 1, several times slower for a LayerNorm's
+    gradient (bench/xla_cpu_reduce.py).
+    """
+
+    def __call__(self, x: jnp.ndarray, *args, **kwargs) -> jnp.ndarray:
+        return super().__call__(x.reshape(-1, x.shape[-1]), *args, **kwargs).reshape(x.shape)
+
+
 def layer_norm(dim: int, eps: float, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
+               rngs: nnx.Rngs) -> LayerNorm:
     """LayerNorm over the last axis with an explicit epsilon (torch 1e-5, ConvNeXt 1e-6)."""
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def linear(din: int, dout: int, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
