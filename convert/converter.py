@@ -172,7 +172,7 @@ def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
     checked buffer keys and the skipped keys with their reasons.
     """
     out: dict[str, np.ndarray] = {}
-    unused, mismatched, duplicate, bad_buffers, checked = [], [], [], [], []
+    unused, mismatched, duplicate, bad_buffers, checked, nonfinite = [], [], [], [], [], []
     skipped: dict[str, str] = {}
     seen_targets: set[str] = set()
     for key, tensor in state.items():
@@ -193,11 +193,20 @@ def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
             unused.append(key if target is None else f"{key} (-> {target}, not in the model)")
             continue
         seen_targets.add(target)
-        value = rule.transform(tensor)
-        if tuple(value.shape) != tuple(expected[target].shape):
-            want = tuple(expected[target].shape)
+        want = tuple(expected[target].shape)
+        try:
+            value = rule.transform(tensor)
+        except (ValueError, IndexError):  # e.g. a 3-D tensor where a conv kernel belongs
+            mismatched.append(f"{key} {tuple(tensor.shape)} -> {target}: a tensor of rank "
+                              f"{np.ndim(tensor)} cannot be mapped, model expects {want}")
+            continue
+        if tuple(value.shape) != want:
             mismatched.append(f"{key} {tuple(tensor.shape)} -> {target}: got "
                               f"{tuple(value.shape)}, model expects {want}")
+            continue
+        if not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            nonfinite.append(f"{key}: {bad} of {np.size(value)} values are NaN or Inf")
             continue
         if target in out:
             duplicate.append(f"{key} -> {target}")
@@ -209,6 +218,8 @@ def map_state_dict(state: Mapping[str, np.ndarray], family: Family,
                          ("model parameters not filled", unfilled),
                          ("shape mismatches", mismatched),
                          ("several keys map to one parameter", duplicate),
+                         ("tensors with NaN or Inf values (a damaged or diverged checkpoint)",
+                          nonfinite),
                          ("stored index buffers that differ from torchvision's", bad_buffers)):
         if items:
             problems.append(f"{len(items)} {title}:\n" + "\n".join(f"  {i}" for i in items))

@@ -101,22 +101,34 @@ def test_one_error_lists_every_problem(tmp_path, capsys):
     _assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("mutation", ["drop", "add", "shape"])
+@pytest.mark.parametrize("mutation", ["drop", "add", "shape", "rank", "nan", "inf"])
 def test_each_single_problem_is_refused(tmp_path, capsys, mutation):
+    """Each defect alone: a one-line-per-problem report naming the key, nothing written."""
     state = release.state_dict("convnext_celeba")
     key = "backbone.0.5.12.block.3.weight"
+    dwconv = "backbone.0.5.12.block.0.weight"  # (C, 1, 7, 7) depthwise kernel
+    expect = {"drop": "backbone.stages.2.blocks.12.fc1", "add": "backbone.0.5.99",
+              "shape": key, "rank": f"{dwconv} (512, 7, 7)", "nan": f"{key}: 1 of",
+              "inf": f"{key}: 2 of"}[mutation]
     if mutation == "drop":
         del state[key]
     elif mutation == "add":
         state["backbone.0.5.99.block.3.weight"] = state[key]
-    else:
+    elif mutation == "shape":
         state[key] = state[key][:, :-1]
+    elif mutation == "rank":  # used to crash inside the rule's transpose
+        state[dwconv] = state[dwconv][:, 0]
+    else:  # used to convert silently, and predict then returned all background
+        state[key] = state[key].clone()
+        state[key][0, :1 if mutation == "nan" else 2] = (float("nan") if mutation == "nan"
+                                                         else float("inf"))
     src = release.save_state_dict(state, tmp_path / f"{mutation}.pt")
     out = tmp_path / "c"
     rc, text = _convert(capsys, src, out)
     assert rc == 2
-    assert ("backbone.0.5.99" if mutation == "add" else "backbone.stages.2.blocks.12.fc1"
-            if mutation == "drop" else key) in text
+    assert expect in text, text
+    if mutation in ("nan", "inf"):
+        assert "NaN or Inf" in text
     assert "Traceback" not in text
     _assert_nothing_written(out)
 
