@@ -108,18 +108,34 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a unique temporary sibling of ``path``, then rename it to ``path``.
 
     A failure or interruption removes the temporary file, so ``path`` is either the complete
-    new file or untouched.
+    new file or untouched. The file gets the mode a plain ``open(path, "w")`` would (0666 less
+    the umask), and the temporary name is shortened where ``path``'s own name is near the file
+    system's limit.
     """
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    # mkstemp adds 8 random characters between prefix and suffix
+    stem = path.name[:max(1, name_max - len("..") - 8 - len(".partial"))]
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".partial", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(Path(tmp))
         os.replace(tmp, path)

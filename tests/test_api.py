@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,24 @@ def test_failed_write_leaves_nothing(tmp_path):
         (tmp / "half").write_text("...")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_respects_the_umask(tmp_path, umask):
+    """Outputs get open()'s mode, 0666 less the umask (mkstemp alone would give 0600)."""
+    old = os.umask(umask)
+    try:
+        out = checkpoint.atomic_write(tmp_path / "out.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_fits_names_near_the_file_system_limit(tmp_path):
+    """A 255-character name is valid; its temporary sibling must be too."""
+    name = "n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".png"
+    out = checkpoint.atomic_write(tmp_path / name, lambda p: p.write_bytes(b"png"))
+    assert out.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [name]
 
 
 @pytest.mark.parametrize("setup", ["missing", "empty", "bad_json", "unknown_variant", "no_params"])
