@@ -109,6 +109,18 @@ def test_existing_outputs_are_kept_unless_asked(tmp_path, capsys):
         assert im.size == (128, 128)
 
 
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    """An --out that cannot be created (under a file here; a read-only mount alike) is one
+    line, before the weights are even looked at (this path does not exist)."""
+    img = tmp_path / "face.png"
+    Image.fromarray(astronaut()[:64, :64]).save(img)
+    (tmp_path / "file").write_text("x")
+    rc, stdout, err = _run(capsys, img, "--variant", "swinb_celeba_224", "--weights",
+                           tmp_path / "no-such-weights", "--out", tmp_path / "file" / "out")
+    assert rc == 2 and "cannot write to --out" in err and "no-such-weights" not in err
+    assert "Traceback" not in err and stdout == ""
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
     img = tmp_path / "face.png"
     Image.fromarray(astronaut()[:96, :96]).save(img)
