@@ -108,6 +108,25 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class OutputError(Exception):
+    """An output location that cannot be written; the message names it and the fix."""
+
+
+def ensure_writable(directory: str | os.PathLike, label: str) -> None:
+    """Create ``directory`` if needed and check that a file can be written in it, so a command
+    refuses an unwritable output before its work rather than after (``OutputError``)."""
+    import tempfile
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".segface-write-test-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to {label} {directory}: {e.strerror or e}; choose a "
+                          "writable location") from None
+
+
 def _umask() -> int:
     """The process's file-mode creation mask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

@@ -9,8 +9,12 @@ from segface_jax.variants import VARIANTS, UnknownVariantError, get_variant
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from segface_jax.checkpoint import ensure_writable
     from segface_jax.convert.converter import convert_checkpoint
 
+    ensure_writable(Path(args.out_dir).absolute().parent, "the folder of out_dir")
     report = convert_checkpoint(args.checkpoint, args.out_dir, args.variant, args.overwrite)
     print(report.summary())
     print(f"wrote {args.out_dir} (sha256 of source {report.sha256[:16]}...)")
@@ -216,14 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command and turn known errors into one-line messages."""
-    from segface_jax.checkpoint import CheckpointError
+    from segface_jax.checkpoint import CheckpointError, OutputError
     from segface_jax.landmarks import LandmarkError
     from segface_jax.predict import InputError
     from segface_jax.preprocess import ImageError
 
     args = build_parser().parse_args(argv)
     known: tuple[type[Exception], ...] = (CheckpointError, ImageError, UnknownVariantError,
-                                          NotImplementedError, LandmarkError, InputError)
+                                          NotImplementedError, LandmarkError, InputError,
+                                          OutputError)
     try:
         from segface_jax.train.data import DataError
         from segface_jax.train.trainer import TrainingError

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from segface_jax.checkpoint import CheckpointError, LoadedModel, atomic_write
+from segface_jax.checkpoint import CheckpointError, LoadedModel, atomic_write, ensure_writable
 from segface_jax.models.layers import lax_convolutions
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -82,6 +82,7 @@ def run_export(args) -> int:
     out = Path(args.out or f"{v.name}.{args.format}")
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")
+    ensure_writable(out.absolute().parent, "the folder of --out")
     if args.batch_size is not None and args.batch_size < 1:
         raise CheckpointError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)

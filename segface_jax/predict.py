@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from segface_jax import examples, preprocess
 from segface_jax import landmarks as lmk
-from segface_jax.checkpoint import atomic_write
+from segface_jax.checkpoint import atomic_write, ensure_writable
 from segface_jax.parser import FaceParser, Parsed
 from segface_jax.postprocess import class_areas
 
@@ -156,7 +156,7 @@ def run_predict(args) -> int:
     out_dir = Path(args.out)
     inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
     jobs = collect_inputs(inputs, out_dir)
-    _check_writable(out_dir)
+    ensure_writable(out_dir, "--out")
     table = lmk.read_landmark_file(args.landmarks) if args.landmarks else {}
     if "" in table and len(jobs) > 1:
         raise InputError(f"{args.landmarks}: a single-image .txt landmark file, but there are "
@@ -251,17 +251,6 @@ def run_predict(args) -> int:
             print(f"  {why if why.startswith(source) else f'{source}: {why}'}", file=sys.stderr)
         return 1
     return 0
-
-
-def _check_writable(directory: Path) -> None:
-    """Refuse an output folder that cannot be created or written to, before any work."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".segface-write-test-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write to --out {directory}: {e.strerror or e}; choose a "
-                         "writable folder") from None
 
 
 def _weights_or_seeded(variant_name: str, revision: str | None) -> tuple[str | None, dict]:

@@ -76,3 +76,23 @@ def test_unreleased_resnet_depth_is_refused(tmp_path, capsys):
     src = release.save_state_dict(state, tmp_path / "r50.pt")
     assert main(["convert", str(src), str(tmp_path / "o")]) == 2
     assert "ResNet with 6 blocks in layer3 (ResNet-101 has 23)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "export", "eval", "predict"])
+def test_unwritable_output_is_refused_before_the_work(tmp_path, capsys, command):
+    """An output location under a regular file cannot be created (like a read-only mount, which
+    root would not notice): one line naming it, before any input is even read (the inputs
+    here do not exist), and no traceback."""
+    (tmp_path / "file").write_text("x")
+    bad, missing = tmp_path / "file" / "out", str(tmp_path / "missing")
+    argv = {"convert": ["convert", missing + ".pt", str(bad)],
+            "export": ["export", "--variant", "swinb_celeba_224", "--weights", missing,
+                       "--format", "stablehlo", "--out", str(bad / "m.stablehlo")],
+            "eval": ["eval", "--variant", "swinb_celeba_224", "--weights", missing,
+                     "--dataset", "celebamask_hq", "--root", missing, "--out", str(bad)],
+            "predict": ["predict", missing + ".png", "--variant", "swinb_celeba_224",
+                        "--weights", missing, "--out", str(bad)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"segface-jax {command}: error: cannot write to" in err and "file" in err, err
+    assert "Traceback" not in err and "missing" not in err.split("cannot write")[0]

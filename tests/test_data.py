@@ -306,3 +306,24 @@ def test_eval_is_sharded_over_devices_and_matches_a_direct_count(roots, tmp_path
     rc = main(["eval", "--variant", "swinb_celeba_224", "--weights", str(weights),
                "--dataset", "lapa", "--root", str(roots["lapa"])])
     assert rc == 2 and "trained on celebamask_hq" in capsys.readouterr().err
+
+
+def test_eval_prints_its_metrics_when_the_reports_cannot_be_written(roots, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A disk that fills up after the check: the metrics still reach the terminal, then one
+    line says what could not be written, exit 1, no traceback."""
+    from segface_jax.train import evaluate
+    from tests import release
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_reports", full_disk)
+    rc = main(["eval", "--variant", "swinb_celeba_224", "--weights",
+               str(release.converted("swinb_celeba_224")), "--dataset", "celebamask_hq",
+               "--root", str(roots["celebamask_hq"]), "--batch-size", "4", "--out",
+               str(tmp_path / "report"), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "3 images, mean F1" in captured.out
+    assert "cannot write the reports" in captured.err and "No space left" in captured.err
+    assert "Traceback" not in captured.err

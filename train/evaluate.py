@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from segface_jax.checkpoint import LoadedModel, atomic_write
+from segface_jax.checkpoint import LoadedModel, atomic_write, ensure_writable
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
 
@@ -169,6 +170,9 @@ def run_eval(args) -> int:
     from segface_jax.variants import get_variant
 
     v = get_variant(args.variant)
+    out = Path(args.out or f"eval-{v.name}-{args.split}")
+    if jax.process_index() == 0:
+        ensure_writable(out, "--out")
     if args.dataset != v.dataset:
         raise data.DataError(f"{v.name} was trained on {v.dataset}, not {args.dataset}; its "
                              "classes would not match the labels")
@@ -190,12 +194,16 @@ def run_eval(args) -> int:
               "weights_sha256": model.metadata.get("source", {}).get("sha256"),
               **metrics.summarize(cm, v.classes, helen=v.dataset == "helen")}
     if jax.process_index() == 0:
-        out = Path(args.out or f"eval-{v.name}-{args.split}")
-        write_reports(out, report, cm, v, v.mean_f1)
         mean = "n/a" if report["mean_f1"] is None else f"{report['mean_f1']:.2f}"
         paper = f" (paper: {v.mean_f1:.2f})" if v.mean_f1 is not None else ""
         print(f"{v.name} on {args.dataset} {args.split}: {images} images, mean F1 {mean}"
               f"{paper}, mIoU {report['miou']:.2f}, pixel accuracy "
-              f"{report['pixel_accuracy']:.2f}; {images / max(seconds, 1e-9):.2f} img/s; "
-              f"reports in {out}")
+              f"{report['pixel_accuracy']:.2f}; {images / max(seconds, 1e-9):.2f} img/s")
+        try:  # the metrics are printed above whatever happens here
+            write_reports(out, report, cm, v, v.mean_f1)
+        except OSError as e:
+            print(f"segface-jax eval: error: cannot write the reports to {out}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 1
+        print(f"reports in {out}")
     return 0
