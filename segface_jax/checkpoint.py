@@ -108,6 +108,41 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, waiting: Callable[[], None] | None = None
+              ) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) for the block; if another
+    process holds it, call ``waiting()`` once and wait. A no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent runs may both do the work
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_partials(out_dir: str | os.PathLike) -> int:
+    """Delete the temporary siblings ``atomic_directory`` left for ``out_dir`` when killed; call
+    it only while holding ``out_dir``'s lock. Returns how many were removed."""
+    out_dir = Path(out_dir).absolute()
+    stale = list(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 class OutputError(Exception):
     """An output location that cannot be written; the message names it and the fix."""
 

@@ -13,7 +13,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
+from segface_jax.checkpoint import (
+    METADATA_FILE,
+    CheckpointError,
+    file_lock,
+    read_metadata,
+    remove_stale_partials,
+)
 from segface_jax.variants import HUB_REPO, Variant
 
 
@@ -117,9 +123,20 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
             f"{pt_file} must be converted once, which needs PyTorch ({e.name} is missing): "
             "pip install 'segface-jax[convert]', or convert it elsewhere with `segface-jax "
             "convert` and pass the output directory") from None
-    if not quiet:
-        print(f"converting {pt_file.name} ({variant.name}) into {out} (once)")
-    convert_checkpoint(pt_file, out, variant.name, overwrite=True)
+    def waiting() -> None:
+        if not quiet:
+            print(f"waiting for another process converting {pt_file.name} into {out}")
+
+    # One conversion at a time per cache entry: concurrent first runs wait for it, and a
+    # conversion killed earlier (its partial directory left behind) is cleaned up.
+    with file_lock(out.parent / f".{out.name}.lock", waiting):
+        if is_converted(out):  # done by the process we waited for
+            return out
+        if remove_stale_partials(out) and not quiet:
+            print(f"removed the remains of an interrupted conversion into {out}")
+        if not quiet:
+            print(f"converting {pt_file.name} ({variant.name}) into {out} (once)")
+        convert_checkpoint(pt_file, out, variant.name, overwrite=True)
     return out
 
 

@@ -273,3 +273,28 @@ def test_port_constants_are_upstream_literals():
         assert v.classes == reference.UPSTREAM_CLASSES[v.dataset], v.name
     assert len(reference.UPSTREAM_CLASSES["celebamask_hq"]) == 19
     assert reference.UPSTREAM_CLASSES["celebamask_hq"][:3] == ("background", "neck", "face")
+
+
+def test_cache_cleans_a_killed_conversion_and_waits_for_a_running_one(tmp_path, monkeypatch,
+                                                                       capsys):
+    """The converted-checkpoint cache: the partial directory of a conversion killed earlier is
+    removed, and a first run that finds another process converting the same entry (holding
+    its lock, here for 2 s) waits for it instead of converting alongside."""
+    from segface_jax import hub
+    from segface_jax.variants import get_variant
+
+    monkeypatch.setenv("SEGFACE_JAX_CACHE", str(tmp_path / "cache"))
+    src, v = release.release_file("swin_celeba"), get_variant("swinb_celeba_224")
+    out = hub.cache_dir() / "converted" / f"{hub.sha256_file(src)}-{v.name}"
+    stale = out.parent / f".{out.name}.partial-deadbeef"
+    (stale / "params").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(2)",
+         str(out.parent / f".{out.name}.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert hub.converted_checkpoint(src, v) == out
+    assert holder.wait() == 0
+    text = capsys.readouterr().out
+    assert "waiting for another process" in text and "removed the remains" in text
+    assert hub.is_converted(out) and not stale.exists()
