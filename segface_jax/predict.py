@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,10 @@ class Job:
         return {k: self.stem.with_name(self.stem.name + names[k]) for k in save}
 
 
-def collect_inputs(inputs: Sequence[str], out_dir: Path) -> list[Job]:
-    """Expand files, folders (recursively, image suffixes only) and globs into jobs."""
+def collect_inputs(inputs: Sequence[str], out_dir: Path,
+                   notify: Callable[[str], None] | None = None) -> list[Job]:
+    """Expand files, folders (recursively, image suffixes only) and globs into jobs, each with
+    its output stem (``notify`` hears once if some stems had to keep their extension)."""
     jobs: list[Job] = []
     for arg in inputs:
         if arg == f"skimage:{EXAMPLE}":
@@ -77,18 +79,43 @@ def collect_inputs(inputs: Sequence[str], out_dir: Path) -> list[Job]:
             jobs += [Job(m, out_dir / Path(m).stem) for m in matches]
     if not jobs:
         raise InputError("no inputs: pass image files, folders or glob patterns")
+    return _name_outputs(jobs, notify)
+
+
+def _name_outputs(jobs: list[Job], notify: Callable[[str], None] | None) -> list[Job]:
+    """Drop repeats of one file; where different inputs share an output stem (face.jpg and
+    face.png), keep their extension in it (face.jpg_labels.png, face.png_labels.png)."""
+    unique: dict[str, Job] = {}
+    for job in jobs:
+        key = job.source if job.source.startswith("skimage:") else os.path.realpath(job.source)
+        unique.setdefault(key, job)
+    jobs = list(unique.values())
+    by_stem: dict[Path, list[Job]] = {}
+    for job in jobs:
+        by_stem.setdefault(job.stem, []).append(job)
+    renamed = []
+    for stem, group in by_stem.items():
+        if len(group) > 1:
+            for i, job in enumerate(group):
+                group[i] = dataclasses.replace(job, stem=stem.with_name(Path(job.source).name))
+            renamed.append(group)
+    jobs = [j for group in by_stem.values() for j in group]
     seen: dict[Path, str] = {}
     clashes = []
     for job in jobs:
-        if job.stem in seen and seen[job.stem] != job.source:
+        if job.stem in seen:
             clashes.append(f"{seen[job.stem]} and {job.source}")
         seen.setdefault(job.stem, job.source)
     if clashes:
         raise InputError("inputs would write the same output names: " + "; ".join(clashes[:5])
                          + ("; ..." if len(clashes) > 5 else "")
                          + ". Rename them or run them separately.")
-    unique: dict[str, Job] = {job.source: job for job in jobs}
-    return list(unique.values())
+    if renamed and notify is not None:
+        example = renamed[0][0].outputs(["labels"])["labels"].name
+        notify(f"{sum(map(len, renamed))} inputs share a name with another input "
+               f"(e.g. {', '.join(Path(j.source).name for j in renamed[0])}); their outputs keep "
+               f"the file extension ({example}, ...)")
+    return jobs
 
 
 def label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
@@ -155,7 +182,8 @@ def run_predict(args) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     out_dir = Path(args.out)
     inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
-    jobs = collect_inputs(inputs, out_dir)
+    jobs = collect_inputs(inputs, out_dir,
+                          notify=lambda msg: print(f"note: {msg}", file=sys.stderr))
     ensure_writable(out_dir, "--out")
     table = lmk.read_landmark_file(args.landmarks) if args.landmarks else {}
     if "" in table and len(jobs) > 1:

@@ -184,9 +184,23 @@ def test_collect_inputs(tmp_path):
         (str(tmp_path / "c.jpg"), out / "c")]
     assert Job("x.jpg", out / "x").outputs(["labels", "json"]) == {
         "labels": out / "x_labels.png", "json": out / "x.json"}
+    # one file named twice is parsed once
+    jobs = collect_inputs([str(tmp_path / "c.jpg"), str(tmp_path / "imgs/a.jpg"),
+                           str(tmp_path / "imgs/../c.jpg")], out)
+    assert [j.stem for j in jobs] == [out / "c", out / "a"]
+    # different files with one stem keep their extension in it, said once
+    (tmp_path / "c.png").write_bytes(b"x")
+    notes = []
+    jobs = collect_inputs([str(tmp_path / "c.jpg"), str(tmp_path / "c.png"),
+                           str(tmp_path / "imgs/a.jpg")], out, notify=notes.append)
+    assert [j.stem for j in jobs] == [out / "c.jpg", out / "c.png", out / "a"]
+    assert jobs[0].outputs(["labels"])["labels"] == out / "c.jpg_labels.png"
+    assert len(notes) == 1 and "c.jpg_labels.png" in notes[0]
+    # the same file name in two folders: the extension cannot tell them apart
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "c.jpg").write_bytes(b"x")
     with pytest.raises(InputError, match="same output names"):
-        collect_inputs([str(tmp_path / "c.jpg"), str(tmp_path / "imgs/a.jpg"),
-                        str(tmp_path / "imgs/../c.jpg")], out)
+        collect_inputs([str(tmp_path / "c.jpg"), str(tmp_path / "other" / "c.jpg")], out)
     with pytest.raises(InputError, match="matches no files"):
         collect_inputs([str(tmp_path / "*.webp")], out)
     (tmp_path / "empty").mkdir()
