@@ -237,7 +237,10 @@ def run_predict(args) -> int:
         else:
             images.append(job.source)
             points.append(lmk.lookup(table, job.source) if table else None)
-    if table:
+    if table and not parser.variant.uses_landmarks:
+        note(f"{parser.variant.name} parses the whole image and does not use landmarks; "
+             f"{args.landmarks} is ignored")
+    elif table:
         missing = [j.source for j, p in zip(jobs, points) if p is None]
         if missing:
             note(f"{len(missing)} input(s) have no entry in {args.landmarks} "

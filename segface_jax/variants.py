@@ -71,6 +71,11 @@ class Variant:
         return self.dataset == "lapa"
 
     @property
+    def uses_landmarks(self) -> bool:
+        """True when given landmarks change the input: LaPa's alignment, Helen's 68-point crop."""
+        return self.dataset in ("lapa", "helen")
+
+    @property
     def hub_filename(self) -> str:
         """Path of the release file in the Hugging Face repo."""
         return f"{self.name}/model_299.pt"

@@ -141,6 +141,17 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, capsys, monkeypatch)
     _no_partials(out)
 
 
+def test_landmarks_for_a_variant_that_ignores_them_are_noted(tmp_path, capsys):
+    img = tmp_path / "face.png"
+    Image.fromarray(astronaut()[:96, :96]).save(img)
+    lm = tmp_path / "lm.json"
+    lm.write_text(json.dumps({"face.png": ASTRONAUT_LANDMARKS.tolist()}))
+    rc, _, err = _run(capsys, img, "--variant", "swinb_celeba_224", "--weights",
+                      release.converted("swinb_celeba_224"), "--out", tmp_path / "out",
+                      "--save", "json", "--landmarks", lm)
+    assert rc == 0 and err.count("does not use landmarks") == 1 and str(lm) in err
+
+
 def test_lapa_landmarks_file_and_usage_errors(tmp_path, capsys):
     rgb = astronaut()
     for name in ("a", "b"):
