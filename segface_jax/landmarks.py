@@ -42,6 +42,19 @@ def to_five(points: Any, where: str = "landmarks") -> np.ndarray:
     return np.asarray(five, np.float32)
 
 
+def degenerate(five: np.ndarray, image_hw: tuple[int, int]) -> str | None:
+    """Why 5 points cannot describe a face in an image of ``image_hw``, or None: the points
+    (nearly) coincide, or one lies further outside the image than the image is large."""
+    five = np.asarray(five, np.float64).reshape(5, 2)
+    h, w = image_hw
+    if np.ptp(five, axis=0).max() < 2.0:
+        return "the 5 landmarks (nearly) coincide"
+    x, y = five[:, 0], five[:, 1]
+    if (x < -w).any() or (x > 2 * w).any() or (y < -h).any() or (y > 2 * h).any():
+        return f"landmarks lie far outside the {w}x{h} image (are they in another image's pixels?)"
+    return None
+
+
 def helen_crop_box(points68: Any, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """(x1, y1, x2, y2) of upstream's Helen crop: a square 1.2 x the 68 points' extent.
 

@@ -211,6 +211,8 @@ class FaceParser:
             else:
                 out.landmarks = five
                 lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
+                if (problem := lmk.degenerate(five, (h, w))) is not None:
+                    self._notify(f"{source}: {problem}; its alignment will be meaningless")
         return _Prepared(out, x, lm)
 
     # -- running -----------------------------------------------------------------------------

@@ -228,3 +228,11 @@ def test_mediapipe_detector_explains_what_is_missing(tmp_path, monkeypatch):
     assert detect.MEDIAPIPE_MODEL_URL in str(err.value)
     assert str(tmp_path / "mediapipe" / "face_landmarker.task") in str(err.value)
     assert not list((tmp_path / "mediapipe").iterdir())  # no partial file left
+
+
+def test_degenerate_landmarks_are_named():
+    good = np.array([[196, 226], [316, 226], [256, 286], [220, 360], [292, 360]], np.float32)
+    assert lmk.degenerate(good, (512, 512)) is None
+    assert "coincide" in lmk.degenerate(np.full((5, 2), 100.0), (512, 512))
+    assert "far outside the 100x80 image" in lmk.degenerate(good, (80, 100))
+    assert lmk.degenerate(good - 150, (512, 512)) is None  # partly outside: a cropped face
