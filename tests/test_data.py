@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -258,6 +259,22 @@ def test_data_check_reports_missing_files(roots, tmp_path, capsys):
     assert "1 missing landmark files: " in out and "train_002.txt" in out
     assert "1 bad landmark files: " in out and "test_000.txt: expected '106'" in out
     assert "1 labels without an image: " in out and "orphan.png" in out
+
+    # without --decode, headers: a truncated JPEG, a non-image, a label of the wrong size
+    helen = shutil.copytree(roots["helen"], tmp_path / "helen")
+    assert main(["data", "check", "--dataset", "helen", "--root", str(helen)]) == 0
+    capsys.readouterr()
+    first, second, third = sorted(helen.glob("*/*_image.jpg"))  # test/300_3, train/100_1, ..
+    first.write_bytes(first.read_bytes()[:-200])
+    second.write_bytes(b"not a jpeg at all")
+    label = Path(str(third).replace("_image.jpg", "_label.png"))
+    with Image.open(label) as im:
+        im.resize((im.width + 3, im.height)).save(label)
+    assert main(["data", "check", "--dataset", "helen", "--root", str(helen)]) == 1
+    out = capsys.readouterr().out
+    assert f"{first.name}: truncated JPEG (its end marker is missing)" in out
+    assert f"{second.name}: not a readable image" in out
+    assert "1 labels whose size differs: " in out and f"{label.name} (93, 70) vs (90, 70)" in out
 
     celeba = shutil.copytree(roots["celebamask_hq"], tmp_path / "CelebAMask-HQ")
     (celeba / "CelebA-HQ-img/1999.jpg").unlink()

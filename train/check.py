@@ -33,8 +33,45 @@ class CheckReport:
         return out
 
 
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) read from an image file's header, without decoding its pixels; a
+    ``DataError`` when it is not an image or a JPEG/PNG whose end marker is missing (a
+    truncated copy or download)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size, kind = im.size, im.format
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise data.DataError(f"{path}: not a readable image ({e})") from None
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 16))
+        tail = f.read()
+    if (kind == "JPEG" and b"\xff\xd9" not in tail) or (kind == "PNG" and b"IEND" not in tail):
+        raise data.DataError(f"{path}: truncated {kind} (its end marker is missing)")
+    return size
+
+
+def _check_sizes(report: CheckReport, image: Path | None, labels: list[Path]) -> None:
+    """Headers of a sample's existing files: readable, complete, label sizes consistent (with
+    the image too when ``image`` is given: CelebAMask-HQ's 512 px masks label 1024 px photos)."""
+    sizes = {}
+    for p in ([image] if image is not None else []) + labels:
+        if p.is_file():
+            try:
+                sizes[p] = header_size(p)
+            except data.DataError as e:
+                report.add("unreadable or truncated files", str(e))
+    found = [sizes[p] for p in labels if p in sizes]
+    want = sizes.get(image) if image is not None else (found[0] if found else None)
+    for p in labels:
+        if p in sizes and want is not None and sizes[p] != want:
+            report.add("labels whose size differs", f"{p} {sizes[p]} vs {want}")
+
+
 def check_split(dataset: str, root: str | Path, split: str, decode: bool = False) -> CheckReport:
-    """Existence (and with ``decode``, readability) of every file ``split`` needs."""
+    """Existence, headers (readable, complete, matching sizes) and with ``decode`` full
+    decoding of every file ``split`` needs."""
     root = Path(root)
     report = CheckReport(dataset, split)
     try:
@@ -49,11 +86,14 @@ def check_split(dataset: str, root: str | Path, split: str, decode: bool = False
                 report.add("missing images", str(source.image_path(name)))
             if not any(p.is_file() for p in source.mask_paths(name)):
                 report.add("samples without any part mask", name)
+            _check_sizes(report, None, [source.image_path(name)])  # its header only
+            _check_sizes(report, None, source.mask_paths(name))
     elif dataset == "lapa":
         for name in source.names:
-            _, label, landmarks = source.paths(name)
+            image, label, landmarks = source.paths(name)
             if not label.is_file():
                 report.add("missing labels", str(label))
+            _check_sizes(report, image, [label])
             if not landmarks.is_file():
                 report.add("missing landmark files", str(landmarks))
             else:
@@ -79,6 +119,7 @@ def check_split(dataset: str, root: str | Path, split: str, decode: bool = False
                 report.add("missing images", str(image))
             if not label.is_file():
                 report.add("missing labels", str(label))
+            _check_sizes(report, image, [label])
             if table and name not in table:
                 report.add("samples missing from landmarks.txt", name)
     if decode and not report.problems:
