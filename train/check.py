@@ -144,5 +144,6 @@ def run_check(args) -> int:
         print(f"{args.root}: {len(bad)} split(s) with problems; fix them before training")
         return 1
     print(f"{args.root}: {args.dataset} is complete"
-          + ("" if args.decode else " (files exist; --decode also opens every one)"))
+          + ("" if args.decode else " (files exist, headers read; --decode also decodes "
+                                    "every one)"))
     return 0
