@@ -84,6 +84,11 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _partial_prefix(out_dir: Path) -> str:
+    """Name prefix of ``atomic_directory``'s temporary siblings of ``out_dir``."""
+    return f".{out_dir.name}.partial-"
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``out_dir`` only if the block succeeds.
@@ -96,7 +101,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         raise CheckpointError(f"{out_dir} already exists and is not empty; choose another output "
                               "directory or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / f"{_partial_prefix(out_dir)}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -137,7 +142,7 @@ def remove_stale_partials(out_dir: str | os.PathLike) -> int:
     """Delete the temporary siblings ``atomic_directory`` left for ``out_dir`` when killed; call
     it only while holding ``out_dir``'s lock. Returns how many were removed."""
     out_dir = Path(out_dir).absolute()
-    stale = list(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
+    stale = list(out_dir.parent.glob(f"{_partial_prefix(out_dir)}*"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return len(stale)
