@@ -7,11 +7,15 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
-# Converted weights go to a per-session folder, never to the user's ~/.cache; the persistent
-# compilation cache stays off in-process (tests that check it run the CLI in a subprocess).
+# Converted weights go to a per-session folder, never to the user's ~/.cache. JAX's persistent
+# compilation cache is one per-session folder too, shared by this process and the CLI
+# subprocesses it starts: a train step or forward pass that several tests (or several runs of
+# one test) compile is compiled once. segface-jax's own cache switch stays off; the test of it
+# runs the CLI with its own cache folder.
 os.environ["SEGFACE_JAX_CACHE"] = tempfile.mkdtemp(prefix="segface-cache-")
 atexit.register(shutil.rmtree, os.environ["SEGFACE_JAX_CACHE"], ignore_errors=True)
 os.environ["SEGFACE_JAX_COMPILATION_CACHE"] = "0"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["SEGFACE_JAX_CACHE"], "xla-tests")
 
 import jax  # noqa: E402
 

@@ -199,6 +199,7 @@ def test_readme_main_job_offline_twice_converts_and_compiles_once(tmp_path):
     the converted checkpoint and JAX's persistent compilation cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SEGFACE_JAX_CACHE": str(tmp_path / "cache"),
            "SEGFACE_JAX_COMPILATION_CACHE": "1", "XLA_FLAGS": ""}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared cache: not this test's
     args = _readme_main_command()
     code = "import sys; from segface_jax.cli import main; sys.exit(main(sys.argv[1:]))"
     runs = []

@@ -216,7 +216,9 @@ def test_remat_and_accumulation_equal_the_plain_step(family, modes, encoder_chan
     """Loss, gradient norm, updated parameters and BatchNorm statistics of one step with
     rematerialisation (per block, whole encoder) or 2-step gradient accumulation against the
     plain step. The same arithmetic, fused or summed in another order by XLA, so float32
-    rounding only: losses and gradient norms within 1e-6 relative; every updated tensor within
+    rounding only: losses within 1e-6 relative, and gradient norms too, except SwinV2's within
+    1e-5, whose float32 gradients carry 10x the rounding of the others (below; measured 1.3e-6
+    once, when XLA fused the recomputed blocks differently); every updated tensor within
     the rounding its float32 gradients carry (test_one_step_matches_torch measures torch's
     float32 gradients 4e-6 to 1.7e-5 from float64 for these families, 1e-4 for SwinV2), so
     2e-5 and 1e-4 (SwinV2) of the tensor's scale plus the largest move an update makes
@@ -232,7 +234,8 @@ def test_remat_and_accumulation_equal_the_plain_step(family, modes, encoder_chan
     for remat, accum in modes:
         other = _step_with(family, remat, accum, batch, **encoder_changes)
         for key in ("loss", "ce", "dice", "grad_norm"):
-            assert other[0][key] == pytest.approx(plain[0][key], rel=1e-6), (remat, accum, key)
+            rel = 1e-5 if key == "grad_norm" and family == "swin_v2_b" else 1e-6
+            assert other[0][key] == pytest.approx(plain[0][key], rel=rel), (remat, accum, key)
         worst = 0.0
         for ours, base in ((other[1], plain[1]), (other[2], plain[2])):
             assert set(ours) == set(base)
