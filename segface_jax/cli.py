@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from segface_jax.variants import VARIANTS, UnknownVariantError, get_variant
+from segface_jax.variants import VARIANTS, UnknownVariantError, Variant, get_variant
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from segface_jax.checkpoint import ensure_writable
-    from segface_jax.convert.converter import convert_checkpoint
+    from segface_jax.convert import convert_checkpoint
+    from segface_jax.files import ensure_writable
 
     ensure_writable(Path(args.out_dir).absolute().parent, "the folder of out_dir")
     report = convert_checkpoint(args.checkpoint, args.out_dir, args.variant, args.overwrite)
@@ -22,7 +21,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_backbone(args: argparse.Namespace) -> int:
-    from segface_jax.convert.backbone import convert_backbone
+    from segface_jax.convert import convert_backbone
 
     out = args.out or f"{args.arch}-imagenet"
     report = convert_backbone(args.arch, args.checkpoint, out, args.overwrite)
@@ -32,9 +31,19 @@ def _convert_backbone(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from segface_jax.convert.parity import run_parity
+    from segface_jax.convert import run_parity
 
-    run_parity(get_variant(args.variant), args.weights, args.image, args.out)
+    def fetch(variant: Variant) -> Path | None:  # the hub, or None (said) when unreachable
+        from segface_jax.hub import WeightsUnavailableError, download_release
+
+        try:
+            return download_release(variant)
+        except WeightsUnavailableError as e:
+            print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
+                  "checkpoint with RANDOM weights instead")
+        return None
+
+    run_parity(get_variant(args.variant), args.weights, args.image, args.out, fetch)
     return 0
 
 
@@ -220,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command and turn known errors into one-line messages."""
-    from segface_jax.checkpoint import CheckpointError, OutputError
+    from segface_jax.checkpoint import CheckpointError
+    from segface_jax.files import OutputError
     from segface_jax.landmarks import LandmarkError
     from segface_jax.predict import InputError
     from segface_jax.preprocess import ImageError
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the train extra is not installed
         pass
     try:
-        from segface_jax.convert.converter import ConversionError
+        from segface_jax.convert import ConversionError
         known += (ConversionError,)
     except ImportError:  # torch not installed: only the torch-free commands can run
         pass

@@ -24,8 +24,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from segface_jax.checkpoint import CheckpointError, LoadedModel, atomic_write, ensure_writable
+from segface_jax.checkpoint import CheckpointError
+from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.models.layers import lax_convolutions
+from segface_jax.runtime import LoadedModel
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -75,7 +77,7 @@ def export_onnx(model: LoadedModel, batch_size: int = 1):
 def run_export(args) -> int:
     """The ``export`` command."""
     from segface_jax import hub
-    from segface_jax.checkpoint import load
+    from segface_jax.runtime import load
     from segface_jax.variants import get_variant
 
     v = get_variant(args.variant)

@@ -9,17 +9,11 @@ whichever path or revision it came from.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from segface_jax.checkpoint import (
-    METADATA_FILE,
-    CheckpointError,
-    file_lock,
-    read_metadata,
-    remove_stale_partials,
-)
+from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
+from segface_jax.files import file_lock, remove_stale_partials, sha256_file
 from segface_jax.variants import HUB_REPO, Variant
 
 
@@ -37,15 +31,6 @@ def cache_dir() -> Path:
         return Path(os.environ["SEGFACE_JAX_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "segface-jax"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_converted(path: str | os.PathLike) -> bool:
@@ -117,7 +102,7 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     if is_converted(out):
         return out
     try:
-        from segface_jax.convert.converter import convert_checkpoint
+        from segface_jax.convert import convert_checkpoint
     except ModuleNotFoundError as e:
         raise CheckpointError(
             f"{pt_file} must be converted once, which needs PyTorch ({e.name} is missing): "

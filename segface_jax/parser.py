@@ -33,7 +33,8 @@ import numpy as np
 from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
 from segface_jax.align import standard_landmarks
-from segface_jax.checkpoint import CheckpointError, LoadedModel, load, read_metadata
+from segface_jax.checkpoint import CheckpointError, read_metadata
+from segface_jax.runtime import LoadedModel, load
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
 NO_LANDMARKS_NOTE = ("{variant}: no landmarks given, so images are treated as already aligned, "
@@ -322,7 +323,7 @@ class FaceParser:
 def _infer_variant(path: Path) -> Variant:
     # A release .pt without --variant: the converter infers it from the keys when unambiguous.
     try:
-        from segface_jax.convert.converter import infer_variant, load_state_dict
+        from segface_jax.convert import infer_variant, load_state_dict
     except ModuleNotFoundError as e:
         raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
                               "is missing): pip install 'segface-jax[convert]'") from None

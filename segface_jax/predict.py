@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from segface_jax import examples, preprocess
 from segface_jax import landmarks as lmk
-from segface_jax.checkpoint import atomic_write, ensure_writable
+from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.parser import FaceParser, Parsed
 from segface_jax.postprocess import class_areas
 
@@ -295,7 +295,7 @@ def _weights_or_seeded(variant_name: str, revision: str | None) -> tuple[str | N
     except hub.WeightsUnavailableError as e:
         reason = e.reason
     try:
-        from segface_jax.convert.parity import seeded_release
+        from segface_jax.convert import seeded_release
     except ModuleNotFoundError as e:
         raise hub.WeightsUnavailableError(
             f"the hub is unreachable ({reason}) and the seeded fallback needs PyTorch ({e.name} "

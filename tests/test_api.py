@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 import segface_jax
-from segface_jax import checkpoint, variants
-from segface_jax.checkpoint import CheckpointError, LoadedModel, abstract_model, fill_module
+from segface_jax import checkpoint, files, variants
+from segface_jax.checkpoint import CheckpointError, abstract_model, fill_module
 from segface_jax.models import SegFace, SegFaceConfig
 from segface_jax.models.swin import SwinConfig
+from segface_jax.runtime import LoadedModel
 
 SMALL = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2))
 
@@ -28,6 +29,7 @@ def test_library_imports_and_runs_without_torch():
         "for name in ('torch', 'torchvision', 'segment_anything'):\n"
         "    sys.modules[name] = None  # any import of them now fails\n"
         "import segface_jax, segface_jax.cli, segface_jax.models, segface_jax.align\n"
+        "import segface_jax.files, segface_jax.runtime, segface_jax.convert  # entry point only\n"
         "sys.exit(segface_jax.cli.main(['variants']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -62,7 +64,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError), checkpoint.atomic_directory(tmp_path / "x") as tmp:
+    with pytest.raises(RuntimeError), files.atomic_directory(tmp_path / "x") as tmp:
         (tmp / "half").write_text("...")
         raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
@@ -73,7 +75,7 @@ def test_atomic_write_respects_the_umask(tmp_path, umask):
     """Outputs get open()'s mode, 0666 less the umask (mkstemp alone would give 0600)."""
     old = os.umask(umask)
     try:
-        out = checkpoint.atomic_write(tmp_path / "out.txt", lambda p: p.write_text("x"))
+        out = files.atomic_write(tmp_path / "out.txt", lambda p: p.write_text("x"))
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -82,7 +84,7 @@ def test_atomic_write_respects_the_umask(tmp_path, umask):
 def test_atomic_write_fits_names_near_the_file_system_limit(tmp_path):
     """A 255-character name is valid; its temporary sibling must be too."""
     name = "n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".png"
-    out = checkpoint.atomic_write(tmp_path / name, lambda p: p.write_bytes(b"png"))
+    out = files.atomic_write(tmp_path / name, lambda p: p.write_bytes(b"png"))
     assert out.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [name]
 
 

@@ -292,7 +292,7 @@ def test_data_check_reports_missing_files(roots, tmp_path, capsys):
 def test_eval_is_sharded_over_devices_and_matches_a_direct_count(roots, tmp_path, capsys):
     import json
 
-    from segface_jax.checkpoint import load
+    from segface_jax.runtime import load
     from tests import release
 
     assert jax.device_count() == 8  # conftest: the batch is split over 8 host devices

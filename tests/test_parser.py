@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 import segface_jax
-from segface_jax import hub, postprocess, preprocess
+from segface_jax import files, hub, postprocess, preprocess
 from segface_jax import landmarks as lmk
 from segface_jax.align import standard_landmarks
-from segface_jax.checkpoint import CheckpointError, load
+from segface_jax.checkpoint import CheckpointError
 from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut
 from segface_jax.parser import FaceParser
+from segface_jax.runtime import load
 from segface_jax.variants import HUB_REPO, UnknownVariantError, get_variant
 from tests import release
 from tests.test_inputs import FIVE, _68_points, _106_points
@@ -187,11 +188,11 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
                                              .read_bytes(), "b" * 40: other.read_bytes()})
     parser = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert "converting model_299.pt (swinb_celeba_224)" in capsys.readouterr().out
-    digest = hub.sha256_file(release.release_file("swin_celeba"))
+    digest = files.sha256_file(release.release_file("swin_celeba"))
     assert parser.model.metadata["source"]["sha256"] == digest
     pinned = FaceParser.from_pretrained("swinb_celeba_224", revision="b" * 40,
                                         compilation_cache=False)
-    assert pinned.model.metadata["source"]["sha256"] == hub.sha256_file(other)
+    assert pinned.model.metadata["source"]["sha256"] == files.sha256_file(other)
 
     def entries() -> list[str]:  # the converted checkpoints (each also has a hidden .lock)
         return [n for n in os.listdir(tmp_path / "cache" / "converted") if not n.startswith(".")]
@@ -201,7 +202,7 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("segface_jax.convert.converter.convert_checkpoint", no_conversion)
+    monkeypatch.setattr("segface_jax.convert.convert_checkpoint", no_conversion)
     capsys.readouterr()
     again = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert again.model.metadata["source"]["sha256"] == digest

@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from segface_jax.checkpoint import LoadedModel, atomic_write, ensure_writable
+from segface_jax.files import atomic_write, ensure_writable
+from segface_jax.runtime import LoadedModel
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
 
@@ -165,7 +166,7 @@ def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1
 def run_eval(args) -> int:
     """The ``eval`` command."""
     from segface_jax import hub
-    from segface_jax.checkpoint import load
+    from segface_jax.runtime import load
     from segface_jax.train import data
     from segface_jax.variants import get_variant
 

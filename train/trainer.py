@@ -255,8 +255,8 @@ def _validate(run: _Run, state: dict[str, Any]) -> float:
     """Validation mean F1 of ``state``'s model (inference mode, upstream's protocol)."""
     from flax import nnx
 
-    from segface_jax.checkpoint import LoadedModel
     from segface_jax.models.layers import set_training
+    from segface_jax.runtime import LoadedModel
     from segface_jax.train import metrics
     from segface_jax.train.evaluate import evaluate
 
