@@ -5,7 +5,7 @@ A *source* (random access: ``len``, ``[i]``) yields raw records at the files' ow
 (``points`` is empty for CelebAMask-HQ, LaPa's 106 landmarks, Helen's 68 as stored, i.e. at
 twice the image scale). ``prepare`` turns a record into a model example at resolution R:
 ``{"image": (R, R, 3) uint8, "label": (R, R) uint8, "landmarks": (5, 2) float32}``, with
-upstream's rules (SEGFACE.md, "Data"):
+upstream's data loaders' rules:
 
 * CelebAMask-HQ: splits from ``list_eval_partition.txt`` through
   ``CelebA-HQ-to-CelebA-mapping.txt`` (0 train, 1 val, 2 test), in the partition file's order;

@@ -1,6 +1,6 @@
 """Upstream's evaluation metrics, from one confusion matrix over all test pixels.
 
-Protocol (SEGFACE.md, "Evaluation"): logits at the model resolution, argmax, one confusion
+Upstream's test protocol: logits at the model resolution, argmax, one confusion
 matrix (rows: ground truth, columns: prediction) over every pixel whose label is not 255.
 From it: per-class F1 = 2 TP / (2 TP + FP + FN), mean F1 over the classes except background,
 pixel accuracy, mean accuracy, per-class IoU and mIoU; Helen adds merged eyes, brows, mouth
