@@ -62,8 +62,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
 
 
 @dataclasses.dataclass
-class Parsed:
-    """One image's result (or the reason it failed) as ``FaceParser.parse_iter`` yields it."""
+class ImageResult:
+    """One image's class map, or the reason it failed, as ``FaceParser.parse_iter`` yields it."""
 
     index: int
     source: str
@@ -78,7 +78,9 @@ class Parsed:
 
 @dataclasses.dataclass
 class ParseResult:
-    """Class maps of a list of images, each at the image's own size."""
+    """What ``parser(images)`` returns: the class maps of all its images, each at the image's own
+    size (it raises on the first unusable input, where ``parse_iter`` yields an ``ImageResult``
+    with the error and goes on)."""
 
     labels: list[np.ndarray]
     probabilities: list[np.ndarray] | None
@@ -100,8 +102,10 @@ class ParseResult:
 
 
 @dataclasses.dataclass
-class _Prepared:
-    item: Parsed
+class _ModelInput:
+    """An image decoded, cropped, resized and normalised, waiting for its batch."""
+
+    item: ImageResult
     x: np.ndarray  # (R, R, 3) float32 normalised
     lm: np.ndarray | None  # (5, 2) at model resolution, LaPa only
 
@@ -176,9 +180,9 @@ class FaceParser:
 
     # -- preparation -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, item: Any, points: Any) -> _Prepared | Parsed:
+    def _prepare(self, index: int, item: Any, points: Any) -> _ModelInput | ImageResult:
         source = str(item) if isinstance(item, str | os.PathLike) else f"<image {index}>"
-        out = Parsed(index, source)
+        out = ImageResult(index, source)
         try:
             rgb = preprocess.to_rgb(item, source)
             if points is None and self.detector is not None and self.variant.needs_landmarks:
@@ -214,11 +218,11 @@ class FaceParser:
                 lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
                 if (problem := lmk.degenerate(five, (h, w))) is not None:
                     self._notify(f"{source}: {problem}; its alignment will be meaningless")
-        return _Prepared(out, x, lm)
+        return _ModelInput(out, x, lm)
 
     # -- running -----------------------------------------------------------------------------
 
-    def _run_batch(self, batch: list[_Prepared]):
+    def _run_batch(self, batch: list[_ModelInput]):
         n = len(batch)
         size = next(b for b in self.buckets if b >= n)
         x = np.zeros((size, *batch[0].x.shape), np.float32)
@@ -229,8 +233,8 @@ class FaceParser:
             lm[:n] = np.stack([p.lm for p in batch])
         return self.model(x, landmarks=lm)  # dispatched asynchronously
 
-    def _finish(self, batch: list[_Prepared], logits: jax.Array,
-                with_probabilities: bool) -> Iterator[Parsed]:
+    def _finish(self, batch: list[_ModelInput], logits: jax.Array,
+                with_probabilities: bool) -> Iterator[ImageResult]:
         host = np.asarray(logits)
         for i, p in enumerate(batch):
             out = p.item
@@ -247,10 +251,10 @@ class FaceParser:
             yield out
 
     def parse_iter(self, images: Iterable[Any], landmarks: Sequence[Any] | None = None,
-                   with_probabilities: bool = False) -> Iterator[Parsed]:
-        """Parse a stream of images, yielding one ``Parsed`` per input, in input order.
+                   with_probabilities: bool = False) -> Iterator[ImageResult]:
+        """Parse a stream of images, yielding one ``ImageResult`` per input, in input order.
 
-        An input that cannot be used yields a ``Parsed`` with ``error`` set instead of raising.
+        An input that cannot be used yields a ``ImageResult`` with ``error`` set instead of raising.
         Decoding runs in threads ahead of the device, and the post-processing of one batch
         overlaps the next batch's forward pass.
         """
@@ -263,10 +267,10 @@ class FaceParser:
                 and self.detector is None and not self._said_no_landmarks:
             self._said_no_landmarks = True
             self._notify(NO_LANDMARKS_NOTE.format(variant=self.variant.name))
-        done: dict[int, Parsed] = {}
+        done: dict[int, ImageResult] = {}
         next_index = 0
-        pending: tuple[list[_Prepared], jax.Array] | None = None
-        batch: list[_Prepared] = []
+        pending: tuple[list[_ModelInput], jax.Array] | None = None
+        batch: list[_ModelInput] = []
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
             queue: collections.deque[concurrent.futures.Future] = collections.deque()
             todo = iter(enumerate(zip(items, points)))
@@ -276,7 +280,7 @@ class FaceParser:
                     queue.append(pool.submit(self._prepare, i, item, pts))
                 if queue:
                     prepared = queue.popleft().result()
-                    if isinstance(prepared, Parsed):
+                    if isinstance(prepared, ImageResult):
                         done[prepared.index] = prepared
                     else:
                         batch.append(prepared)

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from segface_jax import examples, preprocess
 from segface_jax import landmarks as lmk
 from segface_jax.files import atomic_write, ensure_writable
-from segface_jax.parser import FaceParser, Parsed
+from segface_jax.parser import FaceParser, ImageResult
 from segface_jax.postprocess import class_areas
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
@@ -136,7 +136,7 @@ def _random_weights_banner(image: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-def write_outputs(job: Job, result: Parsed, parser: FaceParser, save: Sequence[str],
+def write_outputs(job: Job, result: ImageResult, parser: FaceParser, save: Sequence[str],
                   weights_note: dict) -> None:
     """Write every requested output of one parsed image, each atomically."""
     v = parser.variant
