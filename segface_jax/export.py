@@ -87,7 +87,7 @@ def run_export(args) -> int:
     ensure_writable(out.absolute().parent, "the folder of --out")
     if args.batch_size is not None and args.batch_size < 1:
         raise CheckpointError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    model = load(hub.resolve(v, args.weights, args.revision).checkpoint, dtype=args.dtype)
     if args.format == "stablehlo":
         data = export_stablehlo(model, args.batch_size)
         batch = "any batch size" if args.batch_size is None else f"batch {args.batch_size}"

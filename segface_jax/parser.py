@@ -33,9 +33,9 @@ import numpy as np
 from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
 from segface_jax.align import standard_landmarks
-from segface_jax.checkpoint import CheckpointError, read_metadata
+from segface_jax.checkpoint import CheckpointError
 from segface_jax.runtime import LoadedModel, load
-from segface_jax.variants import VARIANTS, Variant, get_variant
+from segface_jax.variants import VARIANTS, Variant
 
 NO_LANDMARKS_NOTE = ("{variant}: no landmarks given, so images are treated as already aligned, "
                      "centred face crops (pass 5, 68 or 106 points per image to align them)")
@@ -141,42 +141,33 @@ class FaceParser:
         self._detector_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: Any = None, revision: str | None = None,
-                        batch_size: int | None = None,
+    def from_pretrained(cls, variant: str | Variant | None = None, *,
+                        weights: str | os.PathLike | None = None, dtype: Any = None,
+                        revision: str | None = None, batch_size: int | None = None,
                         compilation_cache: bool = True, quiet: bool = False,
                         notify: Callable[[str], None] | None = None,
                         detector: Callable[[np.ndarray], Any] | None = None) -> FaceParser:
-        """A parser for a released variant name, a release ``.pt`` or a converted directory.
+        """A parser for a released variant, with its release weights or ``weights`` given.
 
-        Variant names download ``kartiknarayan/SegFace/<variant>/model_299.pt`` (huggingface_hub;
-        HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and convert it once into the cache.
+        ``from_pretrained("swinb_celeba_512")`` downloads ``kartiknarayan/SegFace/<variant>/
+        model_299.pt`` (huggingface_hub; HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and
+        converts it once into the cache. ``weights=`` takes a release ``.pt`` or a `segface-jax
+        convert` directory instead (then ``variant`` may be left out: it is read or inferred).
         ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters. ``detector`` finds
         landmarks for LaPa inputs given without any (``segface_jax.detect``).
         """
         from segface_jax import hub
 
+        if isinstance(variant, os.PathLike) or isinstance(variant, str) and (
+                variant not in VARIANTS and (Path(variant).suffix in (".pt", ".pth")
+                                             or os.sep in variant or Path(variant).exists())):
+            raise CheckpointError(f"{variant} looks like a file: pass it as weights="
+                                  f"{str(variant)!r} (the first argument is a variant name)")
         if compilation_cache:
             enable_compilation_cache()
-        name, path = str(name_or_path), Path(name_or_path)
-        if not path.exists():
-            if name not in VARIANTS and (os.sep in name or path.suffix in (".pt", ".pth")):
-                raise CheckpointError(f"{path}: no such file or directory")
-            v = get_variant(name)  # an unknown name raises, listing the released variants
-            if variant is not None and variant != v.name:
-                raise CheckpointError(f"asked for variant {variant!r} with weights {name!r}")
-            ckpt = hub.resolve_weights(v, None, revision, quiet=quiet)
-        elif hub.is_converted(path):
-            v = get_variant(variant or read_metadata(path).get("variant", "?"))
-            ckpt = hub.resolve_weights(v, path)
-        elif path.is_file():
-            v = get_variant(variant) if variant else _infer_variant(path)
-            ckpt = hub.resolve_weights(v, path, quiet=quiet)
-        else:
-            raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint; "
-                                  "pass a release model_299.pt or a `segface-jax convert` output")
-        return cls(load(ckpt, dtype=dtype), batch_size=batch_size, notify=notify,
-                   detector=detector)
+        resolved = hub.resolve(variant, weights, revision, quiet=quiet)
+        return cls(load(resolved.checkpoint, dtype=dtype), batch_size=batch_size,
+                   notify=notify, detector=detector)
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -323,12 +314,3 @@ class FaceParser:
             class_names=self.variant.classes, palette=self.variant.palette,
             images=[r.image for r in results], sources=[r.source for r in results])
 
-
-def _infer_variant(path: Path) -> Variant:
-    # A release .pt without --variant: the converter infers it from the keys when unambiguous.
-    try:
-        from segface_jax.convert import infer_variant, load_state_dict
-    except ModuleNotFoundError as e:
-        raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
-                              "is missing): pip install 'segface-jax[convert]'") from None
-    return infer_variant(load_state_dict(path), None, path)

@@ -207,7 +207,7 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
     again = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert again.model.metadata["source"]["sha256"] == digest
     # the same file given by path hits the same cache entry
-    FaceParser.from_pretrained(release.release_file("swin_celeba"), variant="swinb_celeba_224",
+    FaceParser.from_pretrained("swinb_celeba_224", weights=release.release_file("swin_celeba"),
                                compilation_cache=False)
     assert "converting" not in capsys.readouterr().out
     assert len(entries()) == 2
@@ -229,17 +229,26 @@ def test_from_pretrained_path_errors(tmp_path):
     with pytest.raises(UnknownVariantError, match="released variants"):
         FaceParser.from_pretrained("swinb_celeba_999")
     with pytest.raises(CheckpointError, match="no such file"):
-        FaceParser.from_pretrained(tmp_path / "missing.pt")
+        FaceParser.from_pretrained(weights=tmp_path / "missing.pt")
     (tmp_path / "dir").mkdir()
     with pytest.raises(CheckpointError, match="not a segface-jax checkpoint"):
-        FaceParser.from_pretrained(tmp_path / "dir")
+        FaceParser.from_pretrained(weights=tmp_path / "dir")
     with pytest.raises(CheckpointError, match="holds variant 'swinb_celeba_224'"):
-        FaceParser.from_pretrained(release.converted("swinb_celeba_224"),
-                                   variant="swinb_lapa_224")
-    # a release .pt without --variant: inferred when the keys say it, asked for otherwise
+        FaceParser.from_pretrained("swinb_lapa_224", weights=release.converted("swinb_celeba_224"))
+    # a file given where the variant name goes: told where it belongs
+    for path in (tmp_path / "missing.pt", str(tmp_path / "dir")):
+        with pytest.raises(CheckpointError, match="looks like a file: pass it as weights="):
+            FaceParser.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="pass a released variant name, or weights"):
+        FaceParser.from_pretrained()
+    # a release .pt without a variant: inferred when the keys say it, asked for otherwise
     ambiguous = shutil.copy(release.release_file("swin_lapa"), tmp_path / "lapa.pt")
     with pytest.raises(Exception, match="--variant"):
-        FaceParser.from_pretrained(ambiguous)
+        FaceParser.from_pretrained(weights=ambiguous)
+    # a converted directory alone: its variant is read from it
+    parser = FaceParser.from_pretrained(weights=release.converted("swinb_celeba_224"),
+                                        compilation_cache=False)
+    assert parser.variant.name == "swinb_celeba_224"
     assert isinstance(segface_jax.FaceParser, type)
 
 

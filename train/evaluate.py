@@ -187,7 +187,7 @@ def run_eval(args) -> int:
         source = data.open_source(args.dataset, args.root, args.split)
     if len(source) == 0:
         raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
-    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    model = load(hub.resolve(v, args.weights, args.revision).checkpoint, dtype=args.dtype)
     cm, images, seconds = evaluate(model, source, args.dataset, args.batch_size, args.workers,
                                    progress=not args.quiet)
     report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
