@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
-    t = sub.add_parser("train", help="train a SegFace recipe (configs/<variant>.py)")
+    t = sub.add_parser("train", help="train a SegFace recipe (configs/segface.py:VARIANT)")
     t.add_argument("--config", required=True,
-                   help="a config file, e.g. configs/swinb_celeba_512.py")
+                   help="a config file, FILE.py or FILE.py:ARG (get_config(ARG)), e.g. "
+                   "configs/segface.py:swinb_celeba_512")
     t.add_argument("--workdir", help="checkpoints and logs: a path, or a URL such as "
                    "gs://BUCKET/RUN (default: runs/<variant>)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",

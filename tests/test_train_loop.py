@@ -24,6 +24,7 @@ from segface_jax.train.trainer import TrainConfig
 def get_config():
     return TrainConfig(variant="swinb_lapa_224", data_root={root!r}, init="scratch",
                        resolution=32, global_batch=8, dice_group=4, workers=0, lr=1e-3,
+                       weight_decay=1e-5, epochs=300, milestones=(80, 200), gamma=0.1,
                        log_every=1, checkpoint_every=2, eval_every_epochs=0, max_steps={steps},
                        encoder_overrides=(("embed_dim", 16), ("num_heads", (1, 1, 1, 1)),
                                           ("depths", (1, 1, 1, 1)),
@@ -120,6 +121,32 @@ def test_config_checks_remat_and_accumulation(tmp_path, lapa_root):
                         "micro-batches of whole Dice groups")]:
         with pytest.raises(TrainingError, match=match):
             load_config(config, bad)
+
+
+def test_the_recipe_file_states_upstreams_recipe_for_every_variant():
+    """configs/segface.py:VARIANT gives upstream's hyper-parameters (AdamW lr 1e-4, weight decay
+    1e-5, betas 0.9/0.999, eps 1e-8; MultiStepLR (80, 200) x0.1; 300 epochs; 8 GPUs x 4 images,
+    Dice per GPU; ImageNet encoder), and its docstring's table agrees with the variant registry."""
+    from segface_jax.variants import VARIANTS
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "segface.py"
+    table = recipe.read_text()
+    for name, v in VARIANTS.items():
+        cfg = load_config(f"{recipe}:{name}", [])
+        assert (cfg.variant, cfg.epochs, cfg.global_batch, cfg.dice_group, cfg.lr,
+                cfg.weight_decay, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.milestones,
+                cfg.gamma, cfg.init) == (name, 300, 32, 4, 1e-4, 1e-5, 0.9, 0.999, 1e-8,
+                                         (80, 200), 0.1, "imagenet")
+        assert cfg.resolution is None  # the variant's own
+        f1 = "-" if v.mean_f1 is None else f"{v.mean_f1:.2f}"
+        row = [c.strip() for c in next(line for line in table.splitlines()
+                                        if line.startswith(f"| {name} ")).split("|")[1:-1]]
+        assert row == [name, v.backbone, v.dataset, str(v.resolution), f1]
+    for bad in (f"{recipe}", f"{recipe}:swinb_celeba_1024"):
+        with pytest.raises(TrainingError, match="name the variant to train"):
+            load_config(bad, [])
+    with pytest.raises(TrainingError, match="no such config file"):
+        load_config(f"{recipe.parent / 'missing.py'}:swinb_celeba_512", [])
 
 
 def test_prefetch_position_counts_the_batches_handed_out():
