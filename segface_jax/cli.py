@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from segface_jax.datasets import DATASETS
 from segface_jax.variants import VARIANTS, UnknownVariantError, Variant, get_variant
 
 
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", help="hub revision of the weights")
     e.set_defaults(func=_export)
 
-    datasets = ["celebamask_hq", "lapa", "helen"]
+    datasets = list(DATASETS)
     d = sub.add_parser("data", help="check a dataset folder or build its TFDS files")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="report missing images, masks and landmark files")

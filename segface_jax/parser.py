@@ -189,7 +189,7 @@ class FaceParser:
         v, r = self.variant, self.variant.resolution
         h, w = rgb.shape[:2]
         face = rgb
-        if v.dataset == "helen" and points is not None and np.asarray(points).size >= 2 * 68:
+        if v.data.crops_to_face and points is not None and np.asarray(points).size >= 2 * 68:
             out.crop_box = lmk.helen_crop_box(np.asarray(points, np.float32).reshape(-1, 2),
                                               (h, w))
             x1, y1, x2, y2 = out.crop_box

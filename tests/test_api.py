@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import segface_jax
-from segface_jax import checkpoint, files, variants
+from segface_jax import checkpoint, datasets, files, variants
 from segface_jax.checkpoint import CheckpointError, abstract_model, fill_module
 from segface_jax.models import SegFace, SegFaceConfig
 from segface_jax.models.swin import SwinConfig
@@ -49,7 +49,7 @@ def test_variants_table_is_complete():
 
 
 def _small_model(align: bool = False) -> SegFace:
-    names = variants.LAPA_CLASSES if align else variants.CELEBAMASK_HQ_CLASSES
+    names = datasets.LAPA_CLASSES if align else datasets.CELEBAMASK_HQ_CLASSES
     return SegFace(SegFaceConfig("swin_b", names, align, SMALL), rngs=nnx.Rngs(0))
 
 
@@ -138,7 +138,7 @@ def variants_std():
 
 
 def test_bfloat16_keeps_float32_parameters():
-    model = SegFace(SegFaceConfig("swin_b", variants.CELEBAMASK_HQ_CLASSES, False, SMALL),
+    model = SegFace(SegFaceConfig("swin_b", datasets.CELEBAMASK_HQ_CLASSES, False, SMALL),
                     dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert {np.dtype(v.dtype) for v in checkpoint.flat_state(model).values()} == {
         np.dtype(np.float32)}
@@ -147,7 +147,7 @@ def test_bfloat16_keeps_float32_parameters():
 
 
 def test_fill_module_rejects_wrong_shapes():
-    abstract = abstract_model(SegFaceConfig("swin_b", variants.CELEBAMASK_HQ_CLASSES, False, SMALL))
+    abstract = abstract_model(SegFaceConfig("swin_b", datasets.CELEBAMASK_HQ_CLASSES, False, SMALL))
     arrays = {k: np.zeros(v.shape, np.float32) for k, v in checkpoint.flat_state(abstract).items()}
     key = "fusion.linear_fuse.kernel"
     arrays[key] = np.zeros((3, 3), np.float32)

@@ -113,7 +113,7 @@ def paper_table(report: dict, variant_name: str, paper_f1: float | None) -> str:
     for key, label in (("pixel_accuracy", "pixel accuracy"), ("mean_accuracy", "mean accuracy"),
                        ("miou", "mIoU")):
         lines.append(f"| {label} | {fmt(report[key])} | - |")
-    for name, value in report.get("helen", {}).items():
+    for name, value in report.get("merged_f1", {}).items():
         lines.append(f"| F1 {name} (merged) | {fmt(value)} | - |")
     lines += ["", "| class | F1 | IoU |", "|---|---:|---:|"]
     for name, f1 in report["f1"].items():
@@ -193,7 +193,7 @@ def run_eval(args) -> int:
     report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
               "images": images, "seconds": round(seconds, 2),
               "weights_sha256": model.metadata.get("source", {}).get("sha256"),
-              **metrics.summarize(cm, v.classes, helen=v.dataset == "helen")}
+              **metrics.summarize(cm, v.classes, v.data.merged_f1)}
     if jax.process_index() == 0:
         mean = "n/a" if report["mean_f1"] is None else f"{report['mean_f1']:.2f}"
         paper = f" (paper: {v.mean_f1:.2f})" if v.mean_f1 is not None else ""

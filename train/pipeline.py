@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from segface_jax.datasets import DATASETS
 from segface_jax.train import data
 
 
@@ -65,7 +66,7 @@ def train_loader(source, dataset: str, resolution: int, batch_size: int, *, seed
                  shard_index: int | None = None, shard_count: int | None = None,
                  augment: bool = True) -> grain.DataLoader:
     """Shuffled, augmented, per-process batches of ``batch_size`` (the remainder dropped)."""
-    transform = PrepareAugmented if augment and dataset == "lapa" else Prepare
+    transform = PrepareAugmented if augment and DATASETS[dataset].affine_augment else Prepare
     _flags_parsed()
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=_shard(shard_index, shard_count, True),

@@ -166,8 +166,7 @@ def _val_source(cfg: TrainConfig, v: Variant):
     if not cfg.eval_every_epochs or not cfg.data_root:
         return None
     try:
-        source = data.open_source(v.dataset, cfg.data_root,
-                                  "test" if v.dataset == "helen" else "val")
+        source = data.open_source(v.dataset, cfg.data_root, v.data.val_split)
     except data.DataError:
         return None
     return source if len(source) else None
@@ -265,7 +264,7 @@ def _validate(run: _Run, state: dict[str, Any]) -> float:
     set_training(module, False)
     cm, _, _ = evaluate(LoadedModel(v, module, {}), run.val_source, v.dataset,
                         run.cfg.global_batch, 0, progress=False, resolution=run.cfg.resolution)
-    report = metrics.summarize(cm, v.classes, helen=v.dataset == "helen")
+    report = metrics.summarize(cm, v.classes, v.data.merged_f1)
     return float(report["mean_f1"] or 0.0)
 
 
