@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,25 @@ def restore_params(path: str | os.PathLike, module: nnx.Module) -> nnx.Module:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / PARAMS_DIR, target)
     except Exception as e:  # Orbax raises many types; the user needs the path and the fix
+        _ignore_reads_finishing_after_failure()
         raise CheckpointError(f"cannot read parameters from {path / PARAMS_DIR}: "
                               f"{type(e).__name__}: {e}. Convert the checkpoint again.") from None
     return fill_module(module, _flatten(restored))
+
+
+def _ignore_reads_finishing_after_failure() -> None:
+    """After a failed restore, drop the "Event loop is closed" errors of the reads still in
+    flight: Orbax's event loop closes on the first failure, and each read that finishes later
+    fails to report back, which Python would print as a stray traceback after our message."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_segface_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._segface_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

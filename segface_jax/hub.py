@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
 from segface_jax.files import file_lock, remove_stale_partials, sha256_file
+from segface_jax.runtime import LoadedModel, load
 from segface_jax.variants import HUB_REPO, Variant, get_variant
 
 
@@ -92,15 +94,16 @@ def download_release(variant: Variant, revision: str | None = None) -> Path:
 
 
 def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
-                         quiet: bool = False) -> Path:
-    """The Orbax directory for a release ``.pt``: from the cache, or converted into it once."""
+                         quiet: bool = False, replace: bool = False) -> Path:
+    """The Orbax directory for a release ``.pt``: from the cache, or converted into it once
+    (``replace``: converted again, over a cache entry found damaged)."""
     pt_file = Path(pt_file)
     if not pt_file.is_file():
         raise CheckpointError(f"{pt_file}: no such file; pass a release model_299.pt or a "
                               "directory written by `segface-jax convert`")
     digest = sha256_file(pt_file)
     out = cache_dir() / "converted" / f"{digest}-{variant.name}"
-    if is_converted(out):
+    if is_converted(out) and not replace:
         return out
     try:
         from segface_jax.convert import convert_checkpoint
@@ -116,7 +119,7 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     # One conversion at a time per cache entry: concurrent first runs wait for it, and a
     # conversion killed earlier (its partial directory left behind) is cleaned up.
     with file_lock(out.parent / f".{out.name}.lock", waiting):
-        if is_converted(out):  # done by the process we waited for
+        if is_converted(out) and not replace:  # done by the process we waited for
             return out
         if remove_stale_partials(out) and not quiet:
             print(f"removed the remains of an interrupted conversion into {out}")
@@ -179,3 +182,20 @@ def _infer_variant(path: Path) -> Variant:
         raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
                               "is missing): pip install 'segface-jax[convert]'") from None
     return infer_variant(load_state_dict(path), None, path)
+
+
+def load_weights(weights: Weights, dtype: Any = None, quiet: bool = False) -> LoadedModel:
+    """``runtime.load`` of resolved weights; a cache entry found damaged (a truncated or
+    deleted file) is converted again from its source ``.pt``, said in one line."""
+    try:
+        return load(weights.checkpoint, dtype=dtype)
+    except CheckpointError as e:
+        cached = weights.checkpoint.parent == cache_dir() / "converted"
+        if not cached or weights.source is None or not weights.source.is_file():
+            raise
+        reason = str(e).removeprefix(f"cannot read parameters from {weights.checkpoint}")
+        reason = reason.strip(" /:").split(" in OCDBT")[0][:120]
+        print(f"the cached conversion of {weights.source.name} ({weights.variant.name}) is "
+              f"damaged ({reason}); converting it again")
+        converted_checkpoint(weights.source, weights.variant, quiet=True, replace=True)
+    return load(weights.checkpoint, dtype=dtype)

@@ -34,7 +34,7 @@ from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
 from segface_jax.align import standard_landmarks
 from segface_jax.checkpoint import CheckpointError
-from segface_jax.runtime import LoadedModel, load
+from segface_jax.runtime import LoadedModel
 from segface_jax.variants import VARIANTS, Variant
 
 NO_LANDMARKS_NOTE = ("{variant}: no landmarks given, so images are treated as already aligned, "
@@ -166,7 +166,7 @@ class FaceParser:
         if compilation_cache:
             enable_compilation_cache()
         resolved = hub.resolve(variant, weights, revision, quiet=quiet)
-        return cls(load(resolved.checkpoint, dtype=dtype), batch_size=batch_size,
+        return cls(hub.load_weights(resolved, dtype, quiet), batch_size=batch_size,
                    notify=notify, detector=detector)
 
     # -- preparation -------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from segface_jax import landmarks as lmk
 from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.parser import FaceParser, ImageResult, enable_compilation_cache
 from segface_jax.postprocess import class_areas
-from segface_jax.runtime import load
 from segface_jax.variants import get_variant
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
@@ -225,7 +224,7 @@ def run_predict(args) -> int:
         from segface_jax.detect import MediaPipeDetector
 
         detector = MediaPipeDetector()
-    parser = FaceParser(load(weights.checkpoint, dtype=args.dtype), batch_size=args.batch_size,
+    parser = FaceParser(hub.load_weights(weights, args.dtype), batch_size=args.batch_size,
                         notify=note, detector=detector)
     weights_note = {"random": weights.random,
                     "sha256": parser.model.metadata.get("source", {}).get("sha256")}

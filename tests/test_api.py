@@ -162,3 +162,19 @@ def test_model_is_jittable_and_batched():
     batched = nnx.jit(lambda m, a, b: m(a, b))(model, x, lm)
     single = nnx.jit(lambda m, a, b: m(a, b))(model, x[1:2], lm[1:2])
     np.testing.assert_allclose(np.asarray(batched[1:2]), np.asarray(single), rtol=0, atol=1e-5)
+
+
+def test_a_failed_restore_silences_only_its_late_reads(monkeypatch):
+    """Reads still in flight when Orbax's event loop closes on a failed restore report "Event
+    loop is closed" as unraisable errors; after a failure exactly those are dropped, once."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoint._ignore_reads_finishing_after_failure()
+    checkpoint._ignore_reads_finishing_after_failure()  # a second failure adds no second layer
+    late = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(late)
+    sys.unraisablehook(other)
+    assert seen == [other]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,6 +213,42 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
                                compilation_cache=False)
     assert "converting" not in capsys.readouterr().out
     assert len(entries()) == 2
+
+
+def _truncate_largest_file(directory) -> None:
+    largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+
+
+def test_a_damaged_cache_entry_is_converted_again(tmp_path, monkeypatch, capsys):
+    """A truncated file in the conversion cache: said in one line and converted again from the
+    source .pt; a damaged directory the user converted is reported (with the fix), not touched."""
+    from segface_jax.checkpoint import flat_state
+
+    monkeypatch.setenv("SEGFACE_JAX_CACHE", str(tmp_path / "cache"))
+    weights = hub.resolve("swinb_celeba_224", release.release_file("swin_celeba"), quiet=True)
+    want = {k: np.asarray(v) for k, v in flat_state(hub.load_weights(weights).module).items()}
+    _truncate_largest_file(weights.checkpoint)
+    capsys.readouterr()
+    healed = hub.load_weights(weights)
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "converting it again" in out and len(out.splitlines()) == 1
+    for k, v in flat_state(healed.module).items():
+        np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=k)
+
+    own = shutil.copytree(release.converted("swinb_celeba_224"), tmp_path / "mine")
+    _truncate_largest_file(own)
+    with pytest.raises(CheckpointError, match="cannot read parameters .* Convert the checkpoint"):
+        hub.load_weights(hub.resolve(None, own))
+    # the CLI says the same in one line, with no traceback after it
+    code = "import sys; from segface_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "predict", "--example", "--variant",
+                           "swinb_celeba_224", "--weights", str(own), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("segface-jax predict: error: cannot read parameters")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_offline_without_cache_names_the_file(tmp_path, monkeypatch):

@@ -166,7 +166,6 @@ def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1
 def run_eval(args) -> int:
     """The ``eval`` command."""
     from segface_jax import hub
-    from segface_jax.runtime import load
     from segface_jax.train import data
     from segface_jax.variants import get_variant
 
@@ -187,7 +186,7 @@ def run_eval(args) -> int:
         source = data.open_source(args.dataset, args.root, args.split)
     if len(source) == 0:
         raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
-    model = load(hub.resolve(v, args.weights, args.revision).checkpoint, dtype=args.dtype)
+    model = hub.load_weights(hub.resolve(v, args.weights, args.revision), args.dtype)
     cm, images, seconds = evaluate(model, source, args.dataset, args.batch_size, args.workers,
                                    progress=not args.quiet)
     report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
