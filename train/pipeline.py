@@ -11,6 +11,7 @@ the metrics), with the same number of batches on every process.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -102,6 +103,13 @@ def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
         for batch in loader:
             yield _pad(batch, batch_size, resolution)
             done += 1
+        if worker_count:
+            # The workers' batches live in shared memory, which each array unlinks when it is
+            # freed; grain's iterator keeps them in a reference cycle, so without a collection
+            # here they would be freed only at interpreter exit, too late to unlink (and
+            # Python's resource tracker would warn of leaked shared_memory objects).
+            batch = None  # noqa: F841  (the last batch: drop it before collecting)
+            gc.collect()
         for _ in range(steps - done):
             yield _pad(None, batch_size, resolution)
 
