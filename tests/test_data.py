@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def test_pipeline_is_deterministic_and_resumable(roots):
 
     def batches(seed, n, workers=0, state=None):
         it = iter(pipeline.train_loader(src, "lapa", 64, 2, seed=seed, worker_count=workers,
-                                        shard_index=0, shard_count=1))
+                                        process_index=0, process_count=1))
         if state is not None:
             it.set_state(state)
         return [_digest(next(it)) for _ in range(n)], it
@@ -180,26 +181,39 @@ def test_pipeline_is_deterministic_and_resumable(roots):
     assert len(set(first)) == 5  # augmentation differs per epoch, so every batch differs
     _, it = batches(1, 2)
     state = it.get_state()
+    assert json.loads(state) == {"step": 2}  # the position is the global step
     resumed, _ = batches(1, 3, state=state)
     assert resumed == first[2:]
-    # decoding in 2 worker processes: each worker batches its own records, so the batches
-    # differ from 0 workers, but a fixed worker count is deterministic and resumes exactly
+    # decoding in 2 worker processes gives the same batches, and resumes the same way
     multi, it = batches(1, 4, workers=2)
-    assert batches(1, 4, workers=2)[0] == multi
+    assert multi == first[:4]
     _, it = batches(1, 1, workers=2)
-    assert batches(1, 3, workers=2, state=it.get_state())[0] == multi[1:]
+    assert batches(1, 3, workers=2, state=it.get_state())[0] == first[1:4]
 
 
-def test_training_shards_are_disjoint_and_cover_the_epoch(roots):
-    src = data.open_source("lapa", roots["lapa"], "train")  # 4 records, 2 per shard
-    seen = []
-    for shard in (0, 1):
-        it = iter(pipeline.train_loader(src, "lapa", 32, 1, seed=3, augment=False,
-                                        shard_index=shard, shard_count=2))
-        seen += [_digest(next(it)) for _ in range(2)]
-    direct = [_digest({k: v[None] for k, v in data.prepare(src[i], "lapa", 32).items()})
-              for i in range(4)]
-    assert sorted(seen) == sorted(direct)
+def test_every_process_count_reads_the_same_global_batches(roots):
+    """Process p of P reads rows [p b, (p + 1) b) of each global batch (b = B / P): the
+    processes' rows are disjoint, cover each epoch's batches, and put together in process order
+    they are the one-process batch, augmentation included, for P = 1, 2, 4."""
+    src = data.open_source("lapa", roots["lapa"], "train")  # 4 records: 1 global batch of 4
+
+    def global_batches(processes: int, steps: int = 3) -> list[dict[str, np.ndarray]]:
+        its = [pipeline.train_loader(src, "lapa", 32, 4, seed=3, process_index=p,
+                                     process_count=processes) for p in range(processes)]
+        return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+                for parts in zip(*[[next(it) for _ in range(steps)] for it in its])]
+
+    one = global_batches(1)
+    for processes in (2, 4):
+        for a, b in zip(one, global_batches(processes)):
+            assert _digest(a) == _digest(b)
+    # each epoch's batch holds every record once (without augmentation, they can be matched)
+    plain = pipeline.train_loader(src, "lapa", 32, 4, seed=3, process_index=0, process_count=1,
+                                  augment=False)
+    batch = next(plain)
+    direct = {_digest({k: v[None] for k, v in data.prepare(src[i], "lapa", 32).items()})
+              for i in range(4)}
+    assert {_digest({k: batch[k][r:r + 1] for k in batch}) for r in range(4)} == direct
 
 
 def test_eval_batches_shard_and_pad(roots):

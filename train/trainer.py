@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -40,6 +40,9 @@ from segface_jax.train.mesh import data_mesh, prefetch_to_device
 from segface_jax.train.model_init import build_model
 from segface_jax.train.writer import MetricWriter
 from segface_jax.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from segface_jax.train.pipeline import TrainBatches
 
 __all__ = ["TrainConfig", "TrainingError", "build_model", "load_config", "run_train", "train"]
 
@@ -109,7 +112,7 @@ class _Run:
     mesh: jax.sharding.Mesh
     graphdef: Any  # nnx.GraphDef of the model
     train_step: Callable  # jit(state, batch) -> (state, metrics)
-    batches: Iterator[dict[str, np.ndarray]]  # this process's rows (grain, with get_state)
+    batches: TrainBatches  # this process's rows of each global batch; state: the step
     val_source: Any  # the validation split, or None when the run does not validate
 
 
@@ -136,10 +139,9 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                                       needs_landmarks=v.needs_landmarks, lr_schedule=schedule,
                                       accum_steps=cfg.accum_steps)
     loader = pipeline.train_loader(source, v.dataset, cfg.resolution or v.resolution,
-                                   cfg.global_batch // jax.process_count(), seed=cfg.seed,
-                                   worker_count=cfg.workers)
+                                   cfg.global_batch, seed=cfg.seed, worker_count=cfg.workers)
     run = _Run(cfg, v, workdir, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch,
-               mesh, graphdef, train_step, iter(loader), _val_source(cfg, v))
+               mesh, graphdef, train_step, loader, _val_source(cfg, v))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     return run, _Status(_Step(0, state, {}, run.batches.get_state()), saved=0)
 
