@@ -16,7 +16,6 @@ profiling). This module only wires them together.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -24,7 +23,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -71,8 +71,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
         try:
             with MetricWriter(workdir, total_steps=run.total_steps,
                               initial_step=status.latest.step, desc=f"train {run.variant.name}",
-                              progress=progress) as writer, _sigterm_interrupts():
-                _loop(run, status, checkpoints, writer, profile_steps)
+                              progress=progress) as writer, _StopRequest() as stop:
+                _loop(run, status, checkpoints, writer, profile_steps, stop)
         except KeyboardInterrupt:
             interrupted = True
 
@@ -194,7 +194,7 @@ def _restore(run: _Run, status: _Status, checkpoints: RunCheckpoints, resume: bo
 
 
 def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: MetricWriter,
-          profile_steps: int) -> None:
+          profile_steps: int, stop: _StopRequest) -> None:
     """Train to ``total_steps``: log, checkpoint, validate and profile on their schedules."""
     cfg = run.cfg
     if status.latest.step >= run.total_steps:
@@ -231,6 +231,8 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
                 meter.restart(step_no)
             if last:
                 return
+            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between steps
+                raise KeyboardInterrupt
 
 
 def _host_metrics(status: _Status, checkpoints: RunCheckpoints) -> dict[str, float]:
@@ -302,19 +304,31 @@ def _summary(run: _Run, status: _Status, interrupted: bool) -> dict[str, Any]:
             "digest": digest.hexdigest()[:16]}
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """A scheduler's SIGTERM raises KeyboardInterrupt inside the block, so it saves like
-    Ctrl-C."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _StopRequest:
+    """Inside the block, Ctrl-C (SIGINT) and a scheduler's SIGTERM ask the loop to stop after
+    the step in progress, which it then saves. The request is a flag the loop reads between
+    steps, so it never lands inside a library (where a KeyboardInterrupt raised in a finalizer
+    would be swallowed); a second Ctrl-C interrupts at once. Only the main thread can handle
+    signals: elsewhere the block changes nothing."""
 
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def run_train(args: argparse.Namespace) -> int:
