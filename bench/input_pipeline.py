@@ -76,7 +76,7 @@ def images_per_second(source, dataset: str, batch: int, workers: int, resolution
     from segface_jax.train.pipeline import train_loader
 
     it = iter(train_loader(source, dataset, resolution, batch, seed=0, worker_count=workers,
-                           shard_index=0, shard_count=1))
+                           process_index=0, process_count=1))
     next(it)  # warm-up: worker start, first reads
     steps = max(1, len(source) // batch - 1)
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
     import jax
     import numpy as np
 
-    from segface_jax.checkpoint import load
+    from segface_jax.runtime import load
     from segface_jax.train import optim, step
     from segface_jax.train.mesh import data_mesh
 

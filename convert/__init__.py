@@ -1,4 +1,28 @@
 """PyTorch -> Orbax conversion of SegFace release checkpoints (installed as segface_jax.convert).
 
-This is the only runtime code that imports torch.
+This is the only runtime code that imports torch, and only inside the functions that need it, so
+importing this package is cheap. Code outside ``convert/`` reaches the converter through the
+names below and nothing deeper:
+
+- ``convert_checkpoint(src, out_dir, variant=None)``: a release ``model_299.pt`` -> an Orbax
+  checkpoint directory (``ConversionError`` lists everything that cannot be mapped exactly).
+- ``convert_backbone(arch, src, out_dir)``: a torchvision ImageNet encoder -> an Orbax directory
+  for ``init="imagenet"`` training.
+- ``load_state_dict(path)`` and ``infer_variant(state, requested, path)``: read a ``.pt``
+  (``weights_only=True``) and tell which released variant it holds.
+- ``run_parity(...)`` and ``seeded_release(variant, directory)``: the ``parity`` command and the
+  seeded random-weights release file used by demos and tests.
 """
+
+from segface_jax.convert.backbone import convert_backbone
+from segface_jax.convert.converter import (
+    ConversionError,
+    ConversionReport,
+    convert_checkpoint,
+    infer_variant,
+    load_state_dict,
+)
+from segface_jax.convert.parity import run_parity, seeded_release
+
+__all__ = ["ConversionError", "ConversionReport", "convert_backbone", "convert_checkpoint",
+           "infer_variant", "load_state_dict", "run_parity", "seeded_release"]

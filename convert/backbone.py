@@ -22,9 +22,9 @@ from segface_jax.convert.converter import (
     ConversionReport,
     load_state_dict,
     map_state_dict,
-    sha256_file,
 )
 from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES
+from segface_jax.files import sha256_file
 from segface_jax.models.segface import ENCODERS
 
 # torchvision weights enum of each architecture (the ones upstream's ``pretrained=True`` meant)

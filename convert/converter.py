@@ -16,7 +16,7 @@ import numpy as np
 
 from segface_jax.checkpoint import abstract_model, flat_state, save_checkpoint
 from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES, Family
-from segface_jax.hub import sha256_file
+from segface_jax.files import sha256_file
 from segface_jax.models import SegFaceConfig
 from segface_jax.variants import VARIANTS, Variant, get_variant
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,18 +67,6 @@ def network_parity(model, ref, x: np.ndarray, landmarks: np.ndarray) -> ParityRe
     return compare(np.asarray(nnx.jit(lambda m, a: m.parse(a))(model.module, warped)), expected)
 
 
-def fetch_release(variant: Variant) -> Path | None:
-    """The release file from the local hub cache or the hub, or None (said) when neither has it."""
-    from segface_jax.hub import WeightsUnavailableError, download_release
-
-    try:
-        return download_release(variant)
-    except WeightsUnavailableError as e:
-        print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
-              "checkpoint with RANDOM weights instead")
-    return None
-
-
 def seeded_release(variant: Variant, directory: str | os.PathLike, seed: int = 0) -> Path:
     """Write a randomised release-format checkpoint of ``variant`` and return its path."""
     from segface_jax.convert import reference
@@ -86,17 +75,22 @@ def seeded_release(variant: Variant, directory: str | os.PathLike, seed: int = 0
     return reference.save_release(model, Path(directory) / f"{variant.name}_seed{seed}.pt")
 
 
-def run_parity(variant: Variant, weights: str | None, image: str | None,
-               out: str | None) -> ParityResult:
-    """The ``parity`` command: convert, run both models, print the figures, write an overlay."""
+def run_parity(variant: Variant, weights: str | None, image: str | None, out: str | None,
+               fetch: Callable[[Variant], Path | None] | None = None) -> ParityResult:
+    """The ``parity`` command: convert, run both models, print the figures, write an overlay.
+
+    Without ``weights``, ``fetch(variant)`` supplies the release file (the CLI passes the hub
+    download); where it returns None, or no ``fetch`` is given, a seeded release-format file with
+    random weights stands in, and the overlay says so.
+    """
     import jax
     import torch
     from PIL import Image, ImageDraw
 
-    import segface_jax
-    from segface_jax.checkpoint import atomic_write
     from segface_jax.convert import reference
     from segface_jax.convert.converter import convert_checkpoint, load_state_dict
+    from segface_jax.files import atomic_write
+    from segface_jax.runtime import load
 
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -113,14 +107,14 @@ def run_parity(variant: Variant, weights: str | None, image: str | None,
         rgb, x, lm = sample_face(r)
         source = "scikit-image astronaut"
     with tempfile.TemporaryDirectory(prefix="segface-parity-") as tmp:
-        path = Path(weights) if weights else fetch_release(variant)
+        path = Path(weights) if weights else (fetch(variant) if fetch else None)
         random_weights = path is None
         if random_weights:
             path = seeded_release(variant, tmp)
         state = load_state_dict(path)
         report = convert_checkpoint(path, Path(tmp) / "orbax", variant.name, state=state)
         print(report.summary())
-        model = segface_jax.load(Path(tmp) / "orbax")
+        model = load(Path(tmp) / "orbax")
         ref = reference.build_reference(variant)
         ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         ref.eval()

@@ -24,7 +24,7 @@ from torch import nn
 
 from segface_jax.variants import Variant
 
-# Upstream's literal values (shared/SEGFACE.md), written out here rather than imported from
+# Upstream's literal values (its alignment and dataset code), written out here, not imported from
 # segface_jax, so that a wrong constant in the port cannot also be in its reference: the
 # standard 5 face points on a 512 canvas mapped to [-1, 1], the tanh-warp factor, and the
 # class-token order of each dataset's heads.

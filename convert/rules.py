@@ -13,7 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segface_jax.models.swin import relative_coords_table, relative_position_index
+from segface_jax.models.convnext import ConvNeXt
+from segface_jax.models.efficientnet_v2 import EfficientNetV2
+from segface_jax.models.mobilenet_v3 import MobileNetV3
+from segface_jax.models.resnet import ResNet
+from segface_jax.models.segface import ENCODERS
+from segface_jax.models.swin import SwinTransformer, relative_coords_table, relative_position_index
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -275,13 +280,18 @@ class Family:
     ignored: dict[str, str]
 
 
-# torchvision architecture -> rule family
-BACKBONE_FAMILY = {
-    "swin_b": "swin", "swin_s": "swin", "swin_t": "swin",
-    "swin_v2_b": "swinv2", "swin_v2_s": "swinv2", "swin_v2_t": "swinv2",
-    "convnext_base": "convnext", "convnext_small": "convnext", "convnext_tiny": "convnext",
-    "mobilenet_v3_large": "features", "efficientnet_v2_m": "features", "resnet101": "resnet",
-}
+def _rule_family(arch: str) -> str:
+    # torchvision lays out every architecture of one encoder class alike (MobileNetV3 and
+    # EfficientNetV2 both as ``features``); Swin v1 and v2 differ.
+    cls, preset = ENCODERS[arch]
+    if cls is SwinTransformer:
+        return "swinv2" if preset().version == 2 else "swin"
+    return {ConvNeXt: "convnext", MobileNetV3: "features", EfficientNetV2: "features",
+            ResNet: "resnet"}[cls]
+
+
+# torchvision architecture -> rule family, for every encoder the model registry implements
+BACKBONE_FAMILY = {arch: _rule_family(arch) for arch in ENCODERS}
 
 _SWIN_NORM = {r"backbone\.1\.(weight|bias)": "final Swin norm: stored, never used by the output"}
 FAMILIES: dict[str, Family] = {

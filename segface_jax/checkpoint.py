@@ -1,15 +1,11 @@
-"""Converted checkpoints on disk (Orbax + a metadata file) and the ``load`` API."""
+"""Converted checkpoints on disk: Orbax parameters plus a ``segface.json`` metadata file."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from segface_jax.files import atomic_directory
 from segface_jax.models import SegFace, SegFaceConfig
-from segface_jax.variants import Variant, get_variant
 
 METADATA_FILE = "segface.json"
 PARAMS_DIR = "params"
@@ -84,126 +80,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _partial_prefix(out_dir: Path) -> str:
-    """Name prefix of ``atomic_directory``'s temporary siblings of ``out_dir``."""
-    return f".{out_dir.name}.partial-"
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``out_dir`` only if the block succeeds.
-
-    Any exception, including KeyboardInterrupt, removes the temporary directory, so an
-    interrupted or failed write never leaves anything at ``out_dir``.
-    """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists and is not empty; choose another output "
-                              "directory or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f"{_partial_prefix(out_dir)}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, waiting: Callable[[], None] | None = None
-              ) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if needed) for the block; if another
-    process holds it, call ``waiting()`` once and wait. A no-op where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent runs may both do the work
-        yield
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting()
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def remove_stale_partials(out_dir: str | os.PathLike) -> int:
-    """Delete the temporary siblings ``atomic_directory`` left for ``out_dir`` when killed; call
-    it only while holding ``out_dir``'s lock. Returns how many were removed."""
-    out_dir = Path(out_dir).absolute()
-    stale = list(out_dir.parent.glob(f"{_partial_prefix(out_dir)}*"))
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return len(stale)
-
-
-class OutputError(Exception):
-    """An output location that cannot be written; the message names it and the fix."""
-
-
-def ensure_writable(directory: str | os.PathLike, label: str) -> None:
-    """Create ``directory`` if needed and check that a file can be written in it, so a command
-    refuses an unwritable output before its work rather than after (``OutputError``)."""
-    import tempfile
-
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".segface-write-test-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write to {label} {directory}: {e.strerror or e}; choose a "
-                          "writable location") from None
-
-
-def _umask() -> int:
-    """The process's file-mode creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a unique temporary sibling of ``path``, then rename it to ``path``.
-
-    A failure or interruption removes the temporary file, so ``path`` is either the complete
-    new file or untouched. The file gets the mode a plain ``open(path, "w")`` would (0666 less
-    the umask), and the temporary name is shortened where ``path``'s own name is near the file
-    system's limit.
-    """
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        name_max = 255
-    # mkstemp adds 8 random characters between prefix and suffix
-    stem = path.name[:max(1, name_max - len("..") - 8 - len(".partial"))]
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
                     metadata: Mapping[str, Any], overwrite: bool = False) -> Path:
     """Write ``params`` (flat dotted keys) as Orbax + ``segface.json``, atomically."""
@@ -245,72 +121,25 @@ def restore_params(path: str | os.PathLike, module: nnx.Module) -> nnx.Module:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / PARAMS_DIR, target)
     except Exception as e:  # Orbax raises many types; the user needs the path and the fix
+        _ignore_reads_finishing_after_failure()
         raise CheckpointError(f"cannot read parameters from {path / PARAMS_DIR}: "
                               f"{type(e).__name__}: {e}. Convert the checkpoint again.") from None
     return fill_module(module, _flatten(restored))
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """A converted SegFace model ready to run: ``model(images[, landmarks=])`` -> logits."""
+def _ignore_reads_finishing_after_failure() -> None:
+    """After a failed restore, drop the "Event loop is closed" errors of the reads still in
+    flight: Orbax's event loop closes on the first failure, and each read that finishes later
+    fails to report back, which Python would print as a stray traceback after our message."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_segface_closed_loop_filter", False):
+        return
 
-    variant: Variant
-    module: SegFace
-    metadata: dict[str, Any]
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
 
-    def __post_init__(self):
-        graphdef, state = nnx.split(self.module)
-        self._state = state
-        self._forward = jax.jit(functools.partial(_forward, graphdef))
-
-    @property
-    def resolution(self) -> int:
-        """Input and output side length in pixels."""
-        return self.variant.resolution
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        """Names of the logit channels."""
-        return self.variant.classes
-
-    def __call__(self, images: Any, landmarks: Any = None) -> jax.Array:
-        """(N, R, R, 3) float32 ImageNet-normalised RGB -> (N, R, R, C) float32 logits.
-
-        LaPa variants need ``landmarks`` (N, 5, 2): pixel (x, y) of the eye centres, nose tip
-        and mouth corners at resolution R.
-        """
-        images = jnp.asarray(images, jnp.float32)
-        r = self.resolution
-        if images.ndim != 4 or images.shape[1:] != (r, r, 3):
-            raise ValueError(f"{self.variant.name} expects images of shape (N, {r}, {r}, 3), "
-                             f"got {tuple(images.shape)}")
-        if self.variant.needs_landmarks:
-            if landmarks is None:
-                raise ValueError(f"{self.variant.name} aligns faces: pass landmarks=(N, 5, 2) "
-                                 "pixel coordinates (x, y) at the model resolution")
-            landmarks = jnp.asarray(landmarks, jnp.float32)
-            if landmarks.shape != (images.shape[0], 5, 2):
-                raise ValueError(f"landmarks must have shape ({images.shape[0]}, 5, 2), "
-                                 f"got {tuple(landmarks.shape)}")
-        else:
-            landmarks = None
-        return self._forward(self._state, images, landmarks)
-
-
-def _forward(graphdef, state, images, landmarks):
-    return nnx.merge(graphdef, state)(images, landmarks)
-
-
-def load(path: str | os.PathLike, dtype: Any = None) -> LoadedModel:
-    """Load a checkpoint directory written by ``segface-jax convert``; the variant comes from it.
-
-    ``dtype`` sets the compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-    """
-    dtype = jnp.dtype(dtype) if dtype is not None else None
-    meta = read_metadata(path)
-    try:
-        variant = get_variant(meta["variant"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{Path(path) / METADATA_FILE}: {e}") from None
-    module = abstract_model(SegFaceConfig.from_variant(variant), dtype)
-    return LoadedModel(variant, restore_params(path, module), meta)
+    hook._segface_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from segface_jax.variants import VARIANTS, UnknownVariantError, get_variant
+from segface_jax.datasets import DATASETS
+from segface_jax.variants import VARIANTS, UnknownVariantError, Variant, get_variant
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from segface_jax.checkpoint import ensure_writable
-    from segface_jax.convert.converter import convert_checkpoint
+    from segface_jax.convert import convert_checkpoint
+    from segface_jax.files import ensure_writable
 
     ensure_writable(Path(args.out_dir).absolute().parent, "the folder of out_dir")
     report = convert_checkpoint(args.checkpoint, args.out_dir, args.variant, args.overwrite)
@@ -22,7 +22,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_backbone(args: argparse.Namespace) -> int:
-    from segface_jax.convert.backbone import convert_backbone
+    from segface_jax.convert import convert_backbone
 
     out = args.out or f"{args.arch}-imagenet"
     report = convert_backbone(args.arch, args.checkpoint, out, args.overwrite)
@@ -32,9 +32,19 @@ def _convert_backbone(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from segface_jax.convert.parity import run_parity
+    from segface_jax.convert import run_parity
 
-    run_parity(get_variant(args.variant), args.weights, args.image, args.out)
+    def fetch(variant: Variant) -> Path | None:  # the hub, or None (said) when unreachable
+        from segface_jax.hub import WeightsUnavailableError, download_release
+
+        try:
+            return download_release(variant)
+        except WeightsUnavailableError as e:
+            print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
+                  "checkpoint with RANDOM weights instead")
+        return None
+
+    run_parity(get_variant(args.variant), args.weights, args.image, args.out, fetch)
     return 0
 
 
@@ -160,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", help="hub revision of the weights")
     e.set_defaults(func=_export)
 
-    datasets = ["celebamask_hq", "lapa", "helen"]
+    datasets = list(DATASETS)
     d = sub.add_parser("data", help="check a dataset folder or build its TFDS files")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="report missing images, masks and landmark files")
@@ -192,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
-    t = sub.add_parser("train", help="train a SegFace recipe (configs/<variant>.py)")
+    t = sub.add_parser("train", help="train a SegFace recipe (configs/segface.py:VARIANT)")
     t.add_argument("--config", required=True,
-                   help="a config file, e.g. configs/swinb_celeba_512.py")
+                   help="a config file, FILE.py or FILE.py:ARG (get_config(ARG)), e.g. "
+                   "configs/segface.py:swinb_celeba_512")
     t.add_argument("--workdir", help="checkpoints and logs: a path, or a URL such as "
                    "gs://BUCKET/RUN (default: runs/<variant>)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command and turn known errors into one-line messages."""
-    from segface_jax.checkpoint import CheckpointError, OutputError
+    from segface_jax.checkpoint import CheckpointError
+    from segface_jax.files import OutputError
     from segface_jax.landmarks import LandmarkError
     from segface_jax.predict import InputError
     from segface_jax.preprocess import ImageError
@@ -236,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the train extra is not installed
         pass
     try:
-        from segface_jax.convert.converter import ConversionError
+        from segface_jax.convert import ConversionError
         known += (ConversionError,)
     except ImportError:  # torch not installed: only the torch-free commands can run
         pass

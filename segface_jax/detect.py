@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segface_jax.checkpoint import atomic_write
+from segface_jax.files import atomic_write
 from segface_jax.landmarks import LandmarkError
 
 MEDIAPIPE_MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/"

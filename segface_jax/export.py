@@ -24,8 +24,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from segface_jax.checkpoint import CheckpointError, LoadedModel, atomic_write, ensure_writable
+from segface_jax.checkpoint import CheckpointError
+from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.models.layers import lax_convolutions
+from segface_jax.runtime import LoadedModel
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -75,7 +77,6 @@ def export_onnx(model: LoadedModel, batch_size: int = 1):
 def run_export(args) -> int:
     """The ``export`` command."""
     from segface_jax import hub
-    from segface_jax.checkpoint import load
     from segface_jax.variants import get_variant
 
     v = get_variant(args.variant)
@@ -85,7 +86,7 @@ def run_export(args) -> int:
     ensure_writable(out.absolute().parent, "the folder of --out")
     if args.batch_size is not None and args.batch_size < 1:
         raise CheckpointError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    model = hub.load_weights(hub.resolve(v, args.weights, args.revision), args.dtype)
     if args.format == "stablehlo":
         data = export_stablehlo(model, args.batch_size)
         batch = "any batch size" if args.batch_size is None else f"batch {args.batch_size}"

@@ -9,18 +9,15 @@ whichever path or revision it came from.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
-from segface_jax.checkpoint import (
-    METADATA_FILE,
-    CheckpointError,
-    file_lock,
-    read_metadata,
-    remove_stale_partials,
-)
-from segface_jax.variants import HUB_REPO, Variant
+from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
+from segface_jax.files import file_lock, remove_stale_partials, sha256_file
+from segface_jax.runtime import LoadedModel, load
+from segface_jax.variants import HUB_REPO, Variant, get_variant
 
 
 class WeightsUnavailableError(CheckpointError):
@@ -37,15 +34,6 @@ def cache_dir() -> Path:
         return Path(os.environ["SEGFACE_JAX_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "segface-jax"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_converted(path: str | os.PathLike) -> bool:
@@ -106,18 +94,19 @@ def download_release(variant: Variant, revision: str | None = None) -> Path:
 
 
 def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
-                         quiet: bool = False) -> Path:
-    """The Orbax directory for a release ``.pt``: from the cache, or converted into it once."""
+                         quiet: bool = False, replace: bool = False) -> Path:
+    """The Orbax directory for a release ``.pt``: from the cache, or converted into it once
+    (``replace``: converted again, over a cache entry found damaged)."""
     pt_file = Path(pt_file)
     if not pt_file.is_file():
         raise CheckpointError(f"{pt_file}: no such file; pass a release model_299.pt or a "
                               "directory written by `segface-jax convert`")
     digest = sha256_file(pt_file)
     out = cache_dir() / "converted" / f"{digest}-{variant.name}"
-    if is_converted(out):
+    if is_converted(out) and not replace:
         return out
     try:
-        from segface_jax.convert.converter import convert_checkpoint
+        from segface_jax.convert import convert_checkpoint
     except ModuleNotFoundError as e:
         raise CheckpointError(
             f"{pt_file} must be converted once, which needs PyTorch ({e.name} is missing): "
@@ -130,7 +119,7 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     # One conversion at a time per cache entry: concurrent first runs wait for it, and a
     # conversion killed earlier (its partial directory left behind) is cleaned up.
     with file_lock(out.parent / f".{out.name}.lock", waiting):
-        if is_converted(out):  # done by the process we waited for
+        if is_converted(out) and not replace:  # done by the process we waited for
             return out
         if remove_stale_partials(out) and not quiet:
             print(f"removed the remains of an interrupted conversion into {out}")
@@ -140,18 +129,73 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     return out
 
 
-def resolve_weights(variant: Variant, weights: str | os.PathLike | None = None,
-                    revision: str | None = None, quiet: bool = False) -> Path:
-    """An Orbax checkpoint directory for ``variant``: ``weights`` as given (a converted
-    directory or a release ``.pt``), else the hub's release file, converted and cached."""
-    if weights is not None and is_converted(weights):
-        meta = read_metadata(weights)
-        if meta.get("variant") != variant.name:
-            raise CheckpointError(f"{weights} holds variant {meta.get('variant')!r}, not "
-                                  f"{variant.name!r}; pass the matching variant or weights")
-        return Path(weights)
-    if weights is not None and Path(weights).is_dir():
-        raise CheckpointError(f"{weights} is a directory but not a segface-jax checkpoint "
-                              f"({METADATA_FILE} missing); convert it with `segface-jax convert`")
-    pt_file = Path(weights) if weights is not None else download_release(variant, revision)
-    return converted_checkpoint(pt_file, variant, quiet=quiet)
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A variant and the converted checkpoint holding its weights, resolved once at the edge."""
+
+    variant: Variant
+    checkpoint: Path  # an Orbax directory written by the converter
+    random: bool = False  # seeded stand-in weights (``segface_jax.demo``), not a release
+    source: Path | None = None  # the release-format .pt it was converted from, if known
+
+
+def resolve(variant: str | Variant | None, weights: str | os.PathLike | None = None,
+            revision: str | None = None, quiet: bool = False) -> Weights:
+    """Turn a variant name and a weights argument into ``Weights``, checking once that they fit.
+
+    ``weights`` may be a converted directory (its variant is read from it), a release ``.pt``
+    (converted once into the cache; its variant inferred from its keys when not given) or None
+    (the variant's release file from the hub, downloaded and converted once).
+    """
+    v = get_variant(variant) if isinstance(variant, str) else variant
+    if weights is None:
+        if v is None:
+            raise CheckpointError("pass a released variant name, or weights (a release .pt or "
+                                  "a `segface-jax convert` directory)")
+        pt_file = download_release(v, revision)
+        return Weights(v, converted_checkpoint(pt_file, v, quiet=quiet), source=pt_file)
+    path = Path(weights)
+    if is_converted(path):
+        stored = read_metadata(path).get("variant")
+        if v is not None and stored != v.name:
+            raise CheckpointError(f"{path} holds variant {stored!r}, not {v.name!r}; pass the "
+                                  "matching variant or weights")
+        try:
+            return Weights(v or get_variant(stored), path)
+        except ValueError as e:
+            raise CheckpointError(f"{path / METADATA_FILE}: {e}") from None
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint "
+                              f"({METADATA_FILE} missing); pass a release model_299.pt or a "
+                              "`segface-jax convert` output")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory")
+    v = v or _infer_variant(path)
+    return Weights(v, converted_checkpoint(path, v, quiet=quiet), source=path)
+
+
+def _infer_variant(path: Path) -> Variant:
+    # A release .pt given without a variant: the converter infers it from the keys if it can.
+    try:
+        from segface_jax.convert import infer_variant, load_state_dict
+    except ModuleNotFoundError as e:
+        raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
+                              "is missing): pip install 'segface-jax[convert]'") from None
+    return infer_variant(load_state_dict(path), None, path)
+
+
+def load_weights(weights: Weights, dtype: Any = None, quiet: bool = False) -> LoadedModel:
+    """``runtime.load`` of resolved weights; a cache entry found damaged (a truncated or
+    deleted file) is converted again from its source ``.pt``, said in one line."""
+    try:
+        return load(weights.checkpoint, dtype=dtype)
+    except CheckpointError as e:
+        cached = weights.checkpoint.parent == cache_dir() / "converted"
+        if not cached or weights.source is None or not weights.source.is_file():
+            raise
+        reason = str(e).removeprefix(f"cannot read parameters from {weights.checkpoint}")
+        reason = reason.strip(" /:").split(" in OCDBT")[0][:120]
+        print(f"the cached conversion of {weights.source.name} ({weights.variant.name}) is "
+              f"damaged ({reason}); converting it again")
+        converted_checkpoint(weights.source, weights.variant, quiet=True, replace=True)
+    return load(weights.checkpoint, dtype=dtype)

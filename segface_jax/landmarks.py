@@ -1,7 +1,7 @@
 """Face landmarks: the 5 points the LaPa models align with, from the 106 / 68 / 5-point formats.
 
 The five points are, in order: left-eye centre, right-eye centre, nose tip, left and right mouth
-corners, as pixel (x, y). The reductions are upstream's (SEGFACE.md, "Data"): LaPa's 106 points
+corners, as pixel (x, y). The reductions are upstream's data loaders': LaPa's 106 points
 give mean(74, 104), mean(83, 105), 54, 84, 90; the 68-point (iBUG / Helen) layout gives
 mean(36..41), mean(42..47), 30, 48, 54. Helen models crop the face box of the 68 points.
 """

@@ -33,8 +33,9 @@ import numpy as np
 from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
 from segface_jax.align import standard_landmarks
-from segface_jax.checkpoint import CheckpointError, LoadedModel, load, read_metadata
-from segface_jax.variants import VARIANTS, Variant, get_variant
+from segface_jax.checkpoint import CheckpointError
+from segface_jax.runtime import LoadedModel
+from segface_jax.variants import VARIANTS, Variant
 
 NO_LANDMARKS_NOTE = ("{variant}: no landmarks given, so images are treated as already aligned, "
                      "centred face crops (pass 5, 68 or 106 points per image to align them)")
@@ -61,8 +62,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
 
 
 @dataclasses.dataclass
-class Parsed:
-    """One image's result (or the reason it failed) as ``FaceParser.parse_iter`` yields it."""
+class ImageResult:
+    """One image's class map, or the reason it failed, as ``FaceParser.parse_iter`` yields it."""
 
     index: int
     source: str
@@ -77,7 +78,9 @@ class Parsed:
 
 @dataclasses.dataclass
 class ParseResult:
-    """Class maps of a list of images, each at the image's own size."""
+    """What ``parser(images)`` returns: the class maps of all its images, each at the image's own
+    size (it raises on the first unusable input, where ``parse_iter`` yields an ``ImageResult``
+    with the error and goes on)."""
 
     labels: list[np.ndarray]
     probabilities: list[np.ndarray] | None
@@ -99,8 +102,10 @@ class ParseResult:
 
 
 @dataclasses.dataclass
-class _Prepared:
-    item: Parsed
+class _ModelInput:
+    """An image decoded, cropped, resized and normalised, waiting for its batch."""
+
+    item: ImageResult
     x: np.ndarray  # (R, R, 3) float32 normalised
     lm: np.ndarray | None  # (5, 2) at model resolution, LaPa only
 
@@ -136,48 +141,39 @@ class FaceParser:
         self._detector_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: Any = None, revision: str | None = None,
-                        batch_size: int | None = None,
+    def from_pretrained(cls, variant: str | Variant | None = None, *,
+                        weights: str | os.PathLike | None = None, dtype: Any = None,
+                        revision: str | None = None, batch_size: int | None = None,
                         compilation_cache: bool = True, quiet: bool = False,
                         notify: Callable[[str], None] | None = None,
                         detector: Callable[[np.ndarray], Any] | None = None) -> FaceParser:
-        """A parser for a released variant name, a release ``.pt`` or a converted directory.
+        """A parser for a released variant, with its release weights or ``weights`` given.
 
-        Variant names download ``kartiknarayan/SegFace/<variant>/model_299.pt`` (huggingface_hub;
-        HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and convert it once into the cache.
+        ``from_pretrained("swinb_celeba_512")`` downloads ``kartiknarayan/SegFace/<variant>/
+        model_299.pt`` (huggingface_hub; HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and
+        converts it once into the cache. ``weights=`` takes a release ``.pt`` or a `segface-jax
+        convert` directory instead (then ``variant`` may be left out: it is read or inferred).
         ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters. ``detector`` finds
         landmarks for LaPa inputs given without any (``segface_jax.detect``).
         """
         from segface_jax import hub
 
+        if isinstance(variant, os.PathLike) or isinstance(variant, str) and (
+                variant not in VARIANTS and (Path(variant).suffix in (".pt", ".pth")
+                                             or os.sep in variant or Path(variant).exists())):
+            raise CheckpointError(f"{variant} looks like a file: pass it as weights="
+                                  f"{str(variant)!r} (the first argument is a variant name)")
         if compilation_cache:
             enable_compilation_cache()
-        name, path = str(name_or_path), Path(name_or_path)
-        if not path.exists():
-            if name not in VARIANTS and (os.sep in name or path.suffix in (".pt", ".pth")):
-                raise CheckpointError(f"{path}: no such file or directory")
-            v = get_variant(name)  # an unknown name raises, listing the released variants
-            if variant is not None and variant != v.name:
-                raise CheckpointError(f"asked for variant {variant!r} with weights {name!r}")
-            ckpt = hub.resolve_weights(v, None, revision, quiet=quiet)
-        elif hub.is_converted(path):
-            v = get_variant(variant or read_metadata(path).get("variant", "?"))
-            ckpt = hub.resolve_weights(v, path)
-        elif path.is_file():
-            v = get_variant(variant) if variant else _infer_variant(path)
-            ckpt = hub.resolve_weights(v, path, quiet=quiet)
-        else:
-            raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint; "
-                                  "pass a release model_299.pt or a `segface-jax convert` output")
-        return cls(load(ckpt, dtype=dtype), batch_size=batch_size, notify=notify,
-                   detector=detector)
+        resolved = hub.resolve(variant, weights, revision, quiet=quiet)
+        return cls(hub.load_weights(resolved, dtype, quiet), batch_size=batch_size,
+                   notify=notify, detector=detector)
 
     # -- preparation -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, item: Any, points: Any) -> _Prepared | Parsed:
+    def _prepare(self, index: int, item: Any, points: Any) -> _ModelInput | ImageResult:
         source = str(item) if isinstance(item, str | os.PathLike) else f"<image {index}>"
-        out = Parsed(index, source)
+        out = ImageResult(index, source)
         try:
             rgb = preprocess.to_rgb(item, source)
             if points is None and self.detector is not None and self.variant.needs_landmarks:
@@ -193,7 +189,7 @@ class FaceParser:
         v, r = self.variant, self.variant.resolution
         h, w = rgb.shape[:2]
         face = rgb
-        if v.dataset == "helen" and points is not None and np.asarray(points).size >= 2 * 68:
+        if v.data.crops_to_face and points is not None and np.asarray(points).size >= 2 * 68:
             out.crop_box = lmk.helen_crop_box(np.asarray(points, np.float32).reshape(-1, 2),
                                               (h, w))
             x1, y1, x2, y2 = out.crop_box
@@ -213,11 +209,11 @@ class FaceParser:
                 lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
                 if (problem := lmk.degenerate(five, (h, w))) is not None:
                     self._notify(f"{source}: {problem}; its alignment will be meaningless")
-        return _Prepared(out, x, lm)
+        return _ModelInput(out, x, lm)
 
     # -- running -----------------------------------------------------------------------------
 
-    def _run_batch(self, batch: list[_Prepared]):
+    def _run_batch(self, batch: list[_ModelInput]):
         n = len(batch)
         size = next(b for b in self.buckets if b >= n)
         x = np.zeros((size, *batch[0].x.shape), np.float32)
@@ -228,8 +224,8 @@ class FaceParser:
             lm[:n] = np.stack([p.lm for p in batch])
         return self.model(x, landmarks=lm)  # dispatched asynchronously
 
-    def _finish(self, batch: list[_Prepared], logits: jax.Array,
-                with_probabilities: bool) -> Iterator[Parsed]:
+    def _finish(self, batch: list[_ModelInput], logits: jax.Array,
+                with_probabilities: bool) -> Iterator[ImageResult]:
         host = np.asarray(logits)
         for i, p in enumerate(batch):
             out = p.item
@@ -246,10 +242,10 @@ class FaceParser:
             yield out
 
     def parse_iter(self, images: Iterable[Any], landmarks: Sequence[Any] | None = None,
-                   with_probabilities: bool = False) -> Iterator[Parsed]:
-        """Parse a stream of images, yielding one ``Parsed`` per input, in input order.
+                   with_probabilities: bool = False) -> Iterator[ImageResult]:
+        """Parse a stream of images, yielding one ``ImageResult`` per input, in input order.
 
-        An input that cannot be used yields a ``Parsed`` with ``error`` set instead of raising.
+        An input that cannot be used yields a ``ImageResult`` with ``error`` set instead of raising.
         Decoding runs in threads ahead of the device, and the post-processing of one batch
         overlaps the next batch's forward pass.
         """
@@ -262,10 +258,10 @@ class FaceParser:
                 and self.detector is None and not self._said_no_landmarks:
             self._said_no_landmarks = True
             self._notify(NO_LANDMARKS_NOTE.format(variant=self.variant.name))
-        done: dict[int, Parsed] = {}
+        done: dict[int, ImageResult] = {}
         next_index = 0
-        pending: tuple[list[_Prepared], jax.Array] | None = None
-        batch: list[_Prepared] = []
+        pending: tuple[list[_ModelInput], jax.Array] | None = None
+        batch: list[_ModelInput] = []
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
             queue: collections.deque[concurrent.futures.Future] = collections.deque()
             todo = iter(enumerate(zip(items, points)))
@@ -275,7 +271,7 @@ class FaceParser:
                     queue.append(pool.submit(self._prepare, i, item, pts))
                 if queue:
                     prepared = queue.popleft().result()
-                    if isinstance(prepared, Parsed):
+                    if isinstance(prepared, ImageResult):
                         done[prepared.index] = prepared
                     else:
                         batch.append(prepared)
@@ -318,12 +314,3 @@ class FaceParser:
             class_names=self.variant.classes, palette=self.variant.palette,
             images=[r.image for r in results], sources=[r.source for r in results])
 
-
-def _infer_variant(path: Path) -> Variant:
-    # A release .pt without --variant: the converter infers it from the keys when unambiguous.
-    try:
-        from segface_jax.convert.converter import infer_variant, load_state_dict
-    except ModuleNotFoundError as e:
-        raise CheckpointError(f"{path} must be converted once, which needs PyTorch ({e.name} "
-                              "is missing): pip install 'segface-jax[convert]'") from None
-    return infer_variant(load_state_dict(path), None, path)

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segface_jax import examples, preprocess
+from segface_jax import examples, hub, preprocess
 from segface_jax import landmarks as lmk
-from segface_jax.checkpoint import atomic_write, ensure_writable
-from segface_jax.parser import FaceParser, Parsed
+from segface_jax.files import atomic_write, ensure_writable
+from segface_jax.parser import FaceParser, ImageResult, enable_compilation_cache
 from segface_jax.postprocess import class_areas
+from segface_jax.variants import get_variant
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                   ".pgm", ".jfif"}
@@ -136,7 +136,7 @@ def _random_weights_banner(image: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-def write_outputs(job: Job, result: Parsed, parser: FaceParser, save: Sequence[str],
+def write_outputs(job: Job, result: ImageResult, parser: FaceParser, save: Sequence[str],
                   weights_note: dict) -> None:
     """Write every requested output of one parsed image, each atomically."""
     v = parser.variant
@@ -180,6 +180,7 @@ def run_predict(args) -> int:
                          f"choose from {','.join(SAVE_KINDS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    variant = get_variant(args.variant)  # the one place the name becomes a Variant
     out_dir = Path(args.out)
     inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
     jobs = collect_inputs(inputs, out_dir,
@@ -211,21 +212,24 @@ def run_predict(args) -> int:
         tqdm.write(f"note: {msg}", file=sys.stderr)
 
     t_setup = time.perf_counter()
-    weights_note: dict = {}
-    weights = args.weights
-    if weights is None and args.allow_random_weights:
-        weights, weights_note = _weights_or_seeded(args.variant, args.revision)
+    enable_compilation_cache()
+    if args.weights is None and args.allow_random_weights:
+        from segface_jax.demo import release_or_seeded
+
+        weights = release_or_seeded(variant, args.revision)
+    else:
+        weights = hub.resolve(variant, args.weights, args.revision)
     detector = None
     if args.detect_landmarks:
         from segface_jax.detect import MediaPipeDetector
 
         detector = MediaPipeDetector()
-    parser = FaceParser.from_pretrained(weights or args.variant, variant=args.variant,
-                                        dtype=args.dtype, revision=args.revision,
-                                        batch_size=args.batch_size, notify=note,
-                                        detector=detector)
-    weights_note.setdefault("sha256", parser.model.metadata.get("source", {}).get("sha256"))
-    weights_note.setdefault("random", False)
+    parser = FaceParser(hub.load_weights(weights, args.dtype), batch_size=args.batch_size,
+                        notify=note, detector=detector)
+    weights_note = {"random": weights.random,
+                    "sha256": parser.model.metadata.get("source", {}).get("sha256")}
+    if weights.random:
+        weights_note["file"] = str(weights.source)
     setup_s = time.perf_counter() - t_setup
 
     images, points = [], []
@@ -283,34 +287,3 @@ def run_predict(args) -> int:
         return 1
     return 0
 
-
-def _weights_or_seeded(variant_name: str, revision: str | None) -> tuple[str | None, dict]:
-    # --allow-random-weights: the release if reachable, else a seeded release-format file.
-    from segface_jax import hub
-    from segface_jax.variants import get_variant
-
-    v = get_variant(variant_name)
-    try:
-        return str(hub.download_release(v, revision)), {}
-    except hub.WeightsUnavailableError as e:
-        reason = e.reason
-    try:
-        from segface_jax.convert.parity import seeded_release
-    except ModuleNotFoundError as e:
-        raise hub.WeightsUnavailableError(
-            f"the hub is unreachable ({reason}) and the seeded fallback needs PyTorch ({e.name} "
-            "is missing): pip install 'segface-jax[convert]'") from None
-    print(f"Hugging Face hub unreachable ({reason}); using a seeded release-format checkpoint "
-          "with RANDOM weights instead (--allow-random-weights): the masks are meaningless")
-    directory = hub.cache_dir() / "seeded"
-    path = directory / f"{v.name}_seed0.pt"
-    if not path.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".seeded-", dir=directory))
-        try:
-            os.replace(seeded_release(v, tmp), path)
-        finally:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path), {"random": True, "file": str(path)}

@@ -4,40 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-CELEBAMASK_HQ_CLASSES: tuple[str, ...] = (
-    "background", "neck", "face", "cloth", "rightear", "leftear", "rightbro", "leftbro",
-    "righteye", "lefteye", "nose", "innermouth", "lowerlip", "upperlip", "hair", "glass",
-    "hat", "earring", "necklace",
-)
-# LaPa and Helen share one token order, which differs from CelebAMask-HQ's.
-LAPA_CLASSES: tuple[str, ...] = (
-    "background", "face", "leftbro", "rightbro", "lefteye", "righteye", "nose",
-    "upperlip", "innermouth", "lowerlip", "hair",
-)
-HELEN_CLASSES: tuple[str, ...] = LAPA_CLASSES
+from segface_jax.datasets import DATASETS, Dataset
 
-# One RGB colour per class name, so a class looks the same whatever the dataset.
-_COLOURS: dict[str, tuple[int, int, int]] = {
-    "background": (0, 0, 0),
-    "neck": (255, 153, 51),
-    "face": (204, 0, 0),
-    "cloth": (0, 204, 0),
-    "rightear": (102, 51, 0),
-    "leftear": (153, 76, 0),
-    "rightbro": (255, 204, 204),
-    "leftbro": (255, 153, 204),
-    "righteye": (51, 255, 255),
-    "lefteye": (0, 153, 255),
-    "nose": (76, 153, 0),
-    "innermouth": (102, 204, 0),
-    "lowerlip": (255, 255, 0),
-    "upperlip": (0, 0, 153),
-    "hair": (0, 0, 204),
-    "glass": (204, 0, 204),
-    "hat": (255, 51, 153),
-    "earring": (0, 204, 204),
-    "necklace": (0, 51, 0),
-}
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -50,10 +18,14 @@ class Variant:
     mean_f1: float | None
 
     @property
+    def data(self) -> Dataset:
+        """The dataset it was trained on, with the conventions that implies."""
+        return DATASETS[self.dataset]
+
+    @property
     def classes(self) -> tuple[str, ...]:
         """Class names in the decoder's token order."""
-        return {"celebamask_hq": CELEBAMASK_HQ_CLASSES, "lapa": LAPA_CLASSES,
-                "helen": HELEN_CLASSES}[self.dataset]
+        return self.data.classes
 
     @property
     def num_classes(self) -> int:
@@ -63,17 +35,17 @@ class Variant:
     @property
     def palette(self) -> tuple[tuple[int, int, int], ...]:
         """One RGB colour per class, in class order."""
-        return tuple(_COLOURS[c] for c in self.classes)
+        return self.data.palette
 
     @property
     def needs_landmarks(self) -> bool:
         """True when the model aligns its input with 5 face landmarks (LaPa)."""
-        return self.dataset == "lapa"
+        return self.data.aligns
 
     @property
     def uses_landmarks(self) -> bool:
         """True when given landmarks change the input: LaPa's alignment, Helen's 68-point crop."""
-        return self.dataset in ("lapa", "helen")
+        return self.data.aligns or self.data.crops_to_face
 
     @property
     def hub_filename(self) -> str:

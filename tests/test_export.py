@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from segface_jax.checkpoint import LoadedModel, abstract_model, fill_module, flat_state, load
+from segface_jax.checkpoint import abstract_model, fill_module, flat_state
 from segface_jax.cli import main
 from segface_jax.examples import sample_face
 from segface_jax.export import export_onnx, export_stablehlo
 from segface_jax.models.mobilenet_v3 import MobileNetV3Config
 from segface_jax.models.segface import SegFaceConfig
+from segface_jax.runtime import LoadedModel, load
 from segface_jax.variants import get_variant
 from tests import release
 

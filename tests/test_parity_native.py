@@ -6,7 +6,7 @@ converted by the converter under test and loaded with ``segface_jax.load``. Inpu
 scikit-image astronaut face crop and its mirror image (batch 2), ImageNet-normalised, with
 its 5 landmarks for LaPa.
 
-Bar (issue 2, SEGFACE.md "How tight parity must be"): max |delta logit| / max |reference
+Bar: max |delta logit| / max |reference
 logit| <= 2e-5 and argmax agreement >= 99.99%, float32, matmul precision "highest". The
 reference's own float32-vs-float64 difference on these inputs is 1.3e-6 to 2e-6 relative,
 while common porting mistakes move logits by 2e-5 or more.

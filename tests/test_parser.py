@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,12 +17,13 @@ import torch
 from PIL import Image
 
 import segface_jax
-from segface_jax import hub, postprocess, preprocess
+from segface_jax import files, hub, postprocess, preprocess
 from segface_jax import landmarks as lmk
 from segface_jax.align import standard_landmarks
-from segface_jax.checkpoint import CheckpointError, load
+from segface_jax.checkpoint import CheckpointError
 from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut
 from segface_jax.parser import FaceParser
+from segface_jax.runtime import load
 from segface_jax.variants import HUB_REPO, UnknownVariantError, get_variant
 from tests import release
 from tests.test_inputs import FIVE, _68_points, _106_points
@@ -187,11 +190,11 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
                                              .read_bytes(), "b" * 40: other.read_bytes()})
     parser = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert "converting model_299.pt (swinb_celeba_224)" in capsys.readouterr().out
-    digest = hub.sha256_file(release.release_file("swin_celeba"))
+    digest = files.sha256_file(release.release_file("swin_celeba"))
     assert parser.model.metadata["source"]["sha256"] == digest
     pinned = FaceParser.from_pretrained("swinb_celeba_224", revision="b" * 40,
                                         compilation_cache=False)
-    assert pinned.model.metadata["source"]["sha256"] == hub.sha256_file(other)
+    assert pinned.model.metadata["source"]["sha256"] == files.sha256_file(other)
 
     def entries() -> list[str]:  # the converted checkpoints (each also has a hidden .lock)
         return [n for n in os.listdir(tmp_path / "cache" / "converted") if not n.startswith(".")]
@@ -201,15 +204,51 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("segface_jax.convert.converter.convert_checkpoint", no_conversion)
+    monkeypatch.setattr("segface_jax.convert.convert_checkpoint", no_conversion)
     capsys.readouterr()
     again = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert again.model.metadata["source"]["sha256"] == digest
     # the same file given by path hits the same cache entry
-    FaceParser.from_pretrained(release.release_file("swin_celeba"), variant="swinb_celeba_224",
+    FaceParser.from_pretrained("swinb_celeba_224", weights=release.release_file("swin_celeba"),
                                compilation_cache=False)
     assert "converting" not in capsys.readouterr().out
     assert len(entries()) == 2
+
+
+def _truncate_largest_file(directory) -> None:
+    largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+
+
+def test_a_damaged_cache_entry_is_converted_again(tmp_path, monkeypatch, capsys):
+    """A truncated file in the conversion cache: said in one line and converted again from the
+    source .pt; a damaged directory the user converted is reported (with the fix), not touched."""
+    from segface_jax.checkpoint import flat_state
+
+    monkeypatch.setenv("SEGFACE_JAX_CACHE", str(tmp_path / "cache"))
+    weights = hub.resolve("swinb_celeba_224", release.release_file("swin_celeba"), quiet=True)
+    want = {k: np.asarray(v) for k, v in flat_state(hub.load_weights(weights).module).items()}
+    _truncate_largest_file(weights.checkpoint)
+    capsys.readouterr()
+    healed = hub.load_weights(weights)
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "converting it again" in out and len(out.splitlines()) == 1
+    for k, v in flat_state(healed.module).items():
+        np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=k)
+
+    own = shutil.copytree(release.converted("swinb_celeba_224"), tmp_path / "mine")
+    _truncate_largest_file(own)
+    with pytest.raises(CheckpointError, match="cannot read parameters .* Convert the checkpoint"):
+        hub.load_weights(hub.resolve(None, own))
+    # the CLI says the same in one line, with no traceback after it
+    code = "import sys; from segface_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "predict", "--example", "--variant",
+                           "swinb_celeba_224", "--weights", str(own), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("segface-jax predict: error: cannot read parameters")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_offline_without_cache_names_the_file(tmp_path, monkeypatch):
@@ -228,17 +267,26 @@ def test_from_pretrained_path_errors(tmp_path):
     with pytest.raises(UnknownVariantError, match="released variants"):
         FaceParser.from_pretrained("swinb_celeba_999")
     with pytest.raises(CheckpointError, match="no such file"):
-        FaceParser.from_pretrained(tmp_path / "missing.pt")
+        FaceParser.from_pretrained(weights=tmp_path / "missing.pt")
     (tmp_path / "dir").mkdir()
     with pytest.raises(CheckpointError, match="not a segface-jax checkpoint"):
-        FaceParser.from_pretrained(tmp_path / "dir")
+        FaceParser.from_pretrained(weights=tmp_path / "dir")
     with pytest.raises(CheckpointError, match="holds variant 'swinb_celeba_224'"):
-        FaceParser.from_pretrained(release.converted("swinb_celeba_224"),
-                                   variant="swinb_lapa_224")
-    # a release .pt without --variant: inferred when the keys say it, asked for otherwise
+        FaceParser.from_pretrained("swinb_lapa_224", weights=release.converted("swinb_celeba_224"))
+    # a file given where the variant name goes: told where it belongs
+    for path in (tmp_path / "missing.pt", str(tmp_path / "dir")):
+        with pytest.raises(CheckpointError, match="looks like a file: pass it as weights="):
+            FaceParser.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="pass a released variant name, or weights"):
+        FaceParser.from_pretrained()
+    # a release .pt without a variant: inferred when the keys say it, asked for otherwise
     ambiguous = shutil.copy(release.release_file("swin_lapa"), tmp_path / "lapa.pt")
     with pytest.raises(Exception, match="--variant"):
-        FaceParser.from_pretrained(ambiguous)
+        FaceParser.from_pretrained(weights=ambiguous)
+    # a converted directory alone: its variant is read from it
+    parser = FaceParser.from_pretrained(weights=release.converted("swinb_celeba_224"),
+                                        compilation_cache=False)
+    assert parser.variant.name == "swinb_celeba_224"
     assert isinstance(segface_jax.FaceParser, type)
 
 

@@ -262,7 +262,8 @@ from tests.small_models import jax_config
 
 def get_config():
     return TrainConfig(variant={variant!r}, data_root={root!r}, init="scratch", resolution=40,
-                       global_batch=8, dice_group=4, workers=0, log_every=1,
+                       global_batch=8, dice_group=4, lr=1e-4, weight_decay=1e-5, epochs=300,
+                       milestones=(80, 200), gamma=0.1, workers=0, log_every=1,
                        checkpoint_every=100, eval_every_epochs=0, max_steps=2,
                        encoder_overrides=tuple(dataclasses.asdict(jax_config({family!r}))
                                                .items()))

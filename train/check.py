@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from segface_jax.datasets import DATASETS
 from segface_jax.train import data
 
 
@@ -80,48 +81,7 @@ def check_split(dataset: str, root: str | Path, split: str, decode: bool = False
         report.add("layout errors", str(e))
         return report
     report.samples = len(source)
-    if dataset == "celebamask_hq":
-        for name in source.names:
-            if not source.image_path(name).is_file():
-                report.add("missing images", str(source.image_path(name)))
-            if not any(p.is_file() for p in source.mask_paths(name)):
-                report.add("samples without any part mask", name)
-            _check_sizes(report, None, [source.image_path(name)])  # its header only
-            _check_sizes(report, None, source.mask_paths(name))
-    elif dataset == "lapa":
-        for name in source.names:
-            image, label, landmarks = source.paths(name)
-            if not label.is_file():
-                report.add("missing labels", str(label))
-            _check_sizes(report, image, [label])
-            if not landmarks.is_file():
-                report.add("missing landmark files", str(landmarks))
-            else:
-                try:
-                    source.points(name)
-                except data.DataError as e:
-                    report.add("bad landmark files", str(e))
-        labels = root / split / "labels"
-        if labels.is_dir():
-            names = set(source.names)
-            for png in sorted(labels.glob("*.png")):
-                if png.stem not in names:
-                    report.add("labels without an image", str(png))
-    else:
-        try:
-            table = source.landmark_table()
-        except data.DataError as e:
-            report.add("layout errors", str(e))
-            table = {}
-        for name in source.names:
-            image, label = source.paths(name)
-            if not image.is_file():
-                report.add("missing images", str(image))
-            if not label.is_file():
-                report.add("missing labels", str(label))
-            _check_sizes(report, image, [label])
-            if table and name not in table:
-                report.add("samples missing from landmarks.txt", name)
+    _LAYOUT_CHECKS[type(source)](report, source)
     if decode and not report.problems:
         for i in range(len(source)):
             try:
@@ -131,11 +91,65 @@ def check_split(dataset: str, root: str | Path, split: str, decode: bool = False
     return report
 
 
+def _check_celebamask_hq(report: CheckReport, source: data.CelebAMaskHQ) -> None:
+    for name in source.names:
+        if not source.image_path(name).is_file():
+            report.add("missing images", str(source.image_path(name)))
+        if not any(p.is_file() for p in source.mask_paths(name)):
+            report.add("samples without any part mask", name)
+        _check_sizes(report, None, [source.image_path(name)])  # its header only
+        _check_sizes(report, None, source.mask_paths(name))
+
+
+def _check_lapa(report: CheckReport, source: data.LaPa) -> None:
+    for name in source.names:
+        image, label, landmarks = source.paths(name)
+        if not label.is_file():
+            report.add("missing labels", str(label))
+        _check_sizes(report, image, [label])
+        if not landmarks.is_file():
+            report.add("missing landmark files", str(landmarks))
+        else:
+            try:
+                source.points(name)
+            except data.DataError as e:
+                report.add("bad landmark files", str(e))
+    labels = source.root / source.split / "labels"
+    if labels.is_dir():
+        names = set(source.names)
+        for png in sorted(labels.glob("*.png")):
+            if png.stem not in names:
+                report.add("labels without an image", str(png))
+
+
+def _check_helen(report: CheckReport, source: data.Helen) -> None:
+    try:
+        table = source.landmark_table()
+    except data.DataError as e:
+        report.add("layout errors", str(e))
+        table = {}
+    for name in source.names:
+        image, label = source.paths(name)
+        if not image.is_file():
+            report.add("missing images", str(image))
+        if not label.is_file():
+            report.add("missing labels", str(label))
+        _check_sizes(report, image, [label])
+        if table and name not in table:
+            report.add("samples missing from landmarks.txt", name)
+
+
+# each source layout's own file checks
+_LAYOUT_CHECKS = {data.CelebAMaskHQ: _check_celebamask_hq, data.LaPa: _check_lapa,
+                  data.Helen: _check_helen}
+
+
 def run_check(args) -> int:
     """The ``data check`` command: exit status 1 when anything is missing."""
-    if args.dataset not in data.DATASETS:
-        raise data.DataError(f"unknown dataset {args.dataset!r}")
-    splits = data.SPLITS[args.dataset] if args.split == "all" else (args.split,)
+    if args.dataset not in DATASETS:
+        raise data.DataError(f"unknown dataset {args.dataset!r}; choose from "
+                             f"{', '.join(DATASETS)}")
+    splits = DATASETS[args.dataset].splits if args.split == "all" else (args.split,)
     reports = [check_split(args.dataset, args.root, s, args.decode) for s in splits]
     for r in reports:
         print("\n".join(r.lines()))

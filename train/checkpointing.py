@@ -1,8 +1,8 @@
 """A training run's Orbax checkpoints: the last K by step and the best by validation mean F1.
 
 A checkpoint in ``<workdir>/checkpoints/<step>`` holds the train state (parameters, BatchNorm
-statistics, optimizer state, step, seed) and every process's data-iterator position (each
-process reads its own shard; the positions are gathered so any process can resume all).
+statistics, optimizer state, step, seed) and every process's data position (the global step
+its next batch belongs to: the same on every process, and valid for any process count).
 ``<workdir>/best`` keeps the state with the best validation mean F1. Paths are
 ``etils.epath`` paths, as Orbax's own, so the work directory may be on ``gs://``.
 """
@@ -43,17 +43,17 @@ class RunCheckpoints:
         return self._latest.latest_step()
 
     def restore(self, step: int, like: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """(train state shaped like ``like``, this process's data-iterator position) of
-        checkpoint ``step``; the run must have as many processes as the one that wrote it."""
+        """(train state shaped and placed like ``like``, the data position) of checkpoint
+        ``step``. Any number of processes can resume it: the state is replicated and the data
+        position is the global step, the same for every process that wrote it."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         restored = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        positions = restored["data"]["iterators"]
-        if len(positions) != jax.process_count():
-            raise TrainingError(f"checkpoint step {step} was written by {len(positions)} "
-                                f"process(es); resume it with as many (now "
-                                f"{jax.process_count()})")
-        return restored["state"], base64.b64decode(positions[jax.process_index()])
+        positions = {base64.b64decode(p) for p in restored["data"]["iterators"]}
+        if len(positions) != 1:
+            raise TrainingError(f"checkpoint step {step}: its processes recorded different "
+                                "data positions; it was not written by this version")
+        return restored["state"], positions.pop()
 
     def save(self, step: int, state: dict[str, Any], position: bytes, epoch: int) -> None:
         """Write checkpoint ``step``: ``state`` and every process's ``position`` (a collective:

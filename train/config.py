@@ -1,4 +1,4 @@
-"""A training recipe: the ``TrainConfig`` a ``configs/<variant>.py`` file returns, and its loading.
+"""A training recipe: the ``TrainConfig`` a config file returns, and its loading.
 
 ``load_config`` runs the file's ``get_config()``, applies ``--set key=value`` overrides and
 checks the result, so a bad value stops the run before anything is built.
@@ -16,37 +16,51 @@ from typing import Any
 import jax
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """One training recipe (``configs/<variant>.py`` returns one)."""
+    """One training recipe, as a config file's ``get_config()`` returns it.
 
-    variant: str
+    The fields without a default are the recipe itself: a config file states each of them
+    (``configs/segface.py`` holds upstream's). The rest say where data and outputs are and how
+    the run uses the machine.
+    """
+
+    # -- the recipe --------------------------------------------------------------------------
+    variant: str  # the released variant: backbone, dataset, classes, resolution
+    epochs: int
+    global_batch: int  # images per step, over all devices and processes
+    dice_group: int | None  # images per Dice loss (upstream: one GPU's batch); None: all
+    lr: float  # AdamW's peak learning rate
+    weight_decay: float  # AdamW's decoupled decay, on every parameter
+    milestones: tuple[int, ...]  # MultiStepLR: epochs at which the learning rate x gamma
+    gamma: float
+    init: str  # imagenet (convert-backbone dir) | segface (converted checkpoint) | scratch
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+
+    # -- data, initialisation, outputs -------------------------------------------------------
     data_root: str | None = None  # the dataset folder in its release layout
     tfds_dir: str | None = None  # or a `segface-jax data build` directory
-    epochs: int = 300
-    global_batch: int = 32  # upstream: 4 per GPU on 8 GPUs
-    dice_group: int | None = 4  # upstream's per-GPU Dice
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    milestones: tuple[int, ...] = (80, 200)
-    gamma: float = 0.1
-    seed: int = 0
-    workers: int = 4
-    init: str = "imagenet"  # imagenet (convert-backbone dir) | segface (converted) | scratch
     init_path: str | None = None
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
-    remat: str = "none"  # recompute in the backward pass: none | block (each encoder block)
-    #                      | encoder (the whole encoder)
-    accum_steps: int = 1  # micro-batches per step (gradient accumulation; whole Dice groups)
+    seed: int = 0
+    workers: int = 4  # grain worker processes per host
     log_every: int = 20
     checkpoint_every: int = 1000  # steps
     keep_checkpoints: int = 3
     eval_every_epochs: int = 1
     max_steps: int | None = None  # stop early (tests, smoke runs)
-    peak_tflops: float | None = None  # per-device peak for MFU (default: train/perf.py's table)
-    encoder_overrides: tuple[tuple[str, Any], ...] = ()  # tiny test models
 
-    resolution: int | None = None  # None: the variant's (tests use small inputs)
+    # -- the machine -------------------------------------------------------------------------
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    remat: str = "none"  # recompute in the backward pass: none | block (each encoder block)
+    #                      | encoder (the whole encoder)
+    accum_steps: int = 1  # micro-batches per step (gradient accumulation; whole Dice groups)
+    peak_tflops: float | None = None  # per-device peak for MFU (default: train/perf.py's table)
+
+    # -- small models and inputs (tests, smoke runs) -----------------------------------------
+    encoder_overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("embed_dim", 16),)
+    resolution: int | None = None  # None: the variant's
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes``; strings from the command line are read as JSON when they
@@ -73,14 +87,21 @@ class TrainingError(Exception):
 
 
 def load_config(path: str | os.PathLike, overrides: list[str]) -> TrainConfig:
-    """``get_config()`` of a config file, with ``key=value`` overrides applied and checked."""
-    path = Path(path)  # a local Python file, imported
+    """``get_config()`` of a config file (``FILE.py:ARG`` calls ``get_config("ARG")``), with
+    ``key=value`` overrides applied and checked."""
+    path, arg = Path(path), None  # a local Python file, imported
+    if not path.is_file() and ":" in str(path):
+        head, arg = str(path).rsplit(":", 1)
+        path = Path(head)
     if not path.is_file():
         raise TrainingError(f"{path}: no such config file (see configs/)")
     spec = importlib.util.spec_from_file_location(f"segface_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config() if arg is None else module.get_config(arg)
+    except TypeError as e:  # the file takes no argument, or needs one
+        raise TrainingError(f"{path}: get_config: {e}") from None
     changes = {}
     for item in overrides:
         if "=" not in item:

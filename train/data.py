@@ -5,7 +5,7 @@ A *source* (random access: ``len``, ``[i]``) yields raw records at the files' ow
 (``points`` is empty for CelebAMask-HQ, LaPa's 106 landmarks, Helen's 68 as stored, i.e. at
 twice the image scale). ``prepare`` turns a record into a model example at resolution R:
 ``{"image": (R, R, 3) uint8, "label": (R, R) uint8, "landmarks": (5, 2) float32}``, with
-upstream's rules (SEGFACE.md, "Data"):
+upstream's data loaders' rules:
 
 * CelebAMask-HQ: splits from ``list_eval_partition.txt`` through
   ``CelebA-HQ-to-CelebA-mapping.txt`` (0 train, 1 val, 2 test), in the partition file's order;
@@ -30,10 +30,8 @@ import numpy as np
 from PIL import Image
 
 from segface_jax import landmarks as lmk
+from segface_jax.datasets import DATASETS, get_dataset
 
-DATASETS = ("celebamask_hq", "lapa", "helen")
-SPLITS = {"celebamask_hq": ("train", "val", "test"), "lapa": ("train", "val", "test"),
-          "helen": ("train", "test")}
 # Part masks in label order: label value = 1 + index; later parts overwrite earlier ones.
 CELEBA_PARTS = ("neck", "skin", "cloth", "l_ear", "r_ear", "l_brow", "r_brow", "l_eye", "r_eye",
                 "nose", "mouth", "l_lip", "u_lip", "hair", "eye_g", "hat", "ear_r", "neck_l")
@@ -70,6 +68,11 @@ class _Source:
     split: str
     names: list[str]
 
+    @classmethod
+    def has_split(cls, root: Path, split: str) -> bool:
+        """Whether ``root`` holds files of ``split`` (its folder exists)."""
+        return (Path(root) / split).is_dir()
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
                 f"samples={len(self.names)})")
@@ -83,6 +86,11 @@ class CelebAMaskHQ(_Source):
     def __init__(self, root: str | os.PathLike, split: str):
         self.root, self.split = Path(root), split
         self.names = self.split_names(self.root, split)
+
+    @classmethod
+    def has_split(cls, root: Path, split: str) -> bool:
+        """Whether ``root`` holds the partition file that defines every split."""
+        return (Path(root) / "list_eval_partition.txt").is_file()
 
     @staticmethod
     def split_names(root: Path, split: str) -> list[str]:
@@ -230,15 +238,16 @@ class Helen(_Source):
                 "name": name}
 
 
-SOURCES = {"celebamask_hq": CelebAMaskHQ, "lapa": LaPa, "helen": Helen}
+SOURCES = {source.dataset: source for source in (CelebAMaskHQ, LaPa, Helen)}
 
 
 def open_source(dataset: str, root: str | os.PathLike, split: str):
     """The raw-folder source of ``dataset``/``split`` under ``root``."""
     if dataset not in SOURCES:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if split not in SPLITS[dataset]:
-        raise DataError(f"{dataset} has no {split!r} split; it has {', '.join(SPLITS[dataset])}")
+    splits = DATASETS[dataset].splits
+    if split not in splits:
+        raise DataError(f"{dataset} has no {split!r} split; it has {', '.join(splits)}")
     if not Path(root).is_dir():
         raise DataError(f"{root}: no such folder")
     return SOURCES[dataset](root, split)
@@ -302,19 +311,21 @@ def _resize(image: np.ndarray, label: np.ndarray, r: int) -> tuple[np.ndarray, n
 def prepare(record: dict[str, Any], dataset: str, resolution: int,
             rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """A raw record -> a model example at ``resolution`` (``rng``: LaPa training augmentation)."""
+    d = get_dataset(dataset)
     image, label, points = record["image"], record["label"], record["points"]
     r = resolution
-    if dataset == "helen":
-        points = points * np.float32(0.5)  # landmarks.txt is at twice the image scale
+    if d.landmark_scale != 1.0:
+        points = points * np.float32(d.landmark_scale)
+    if d.crops_to_face:
         x1, y1, x2, y2 = lmk.helen_crop_box(points, image.shape[:2])
         image, label = image[y1:y2, x1:x2], label[y1:y2, x1:x2]
         points = points - np.array([x1, y1], np.float32)
-    elif dataset == "lapa" and rng is not None:
+    elif d.affine_augment and rng is not None:
         image, label, points = random_affine(image, label, points, rng)
     h, w = image.shape[:2]
     image, label = _resize(image, label, r)
-    if dataset == "celebamask_hq":
-        five = np.zeros((5, 2), np.float32)
-    else:
+    if d.uses_landmarks:
         five = lmk.to_five(np.asarray(points) * np.array([r / w, r / h]))
+    else:
+        five = np.zeros((5, 2), np.float32)
     return {"image": image, "label": label, "landmarks": five.astype(np.float32)}

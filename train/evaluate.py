@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from segface_jax.checkpoint import LoadedModel, atomic_write, ensure_writable
+from segface_jax.files import atomic_write, ensure_writable
+from segface_jax.runtime import LoadedModel
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
 
@@ -112,7 +113,7 @@ def paper_table(report: dict, variant_name: str, paper_f1: float | None) -> str:
     for key, label in (("pixel_accuracy", "pixel accuracy"), ("mean_accuracy", "mean accuracy"),
                        ("miou", "mIoU")):
         lines.append(f"| {label} | {fmt(report[key])} | - |")
-    for name, value in report.get("helen", {}).items():
+    for name, value in report.get("merged_f1", {}).items():
         lines.append(f"| F1 {name} (merged) | {fmt(value)} | - |")
     lines += ["", "| class | F1 | IoU |", "|---|---:|---:|"]
     for name, f1 in report["f1"].items():
@@ -165,7 +166,6 @@ def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1
 def run_eval(args) -> int:
     """The ``eval`` command."""
     from segface_jax import hub
-    from segface_jax.checkpoint import load
     from segface_jax.train import data
     from segface_jax.variants import get_variant
 
@@ -186,13 +186,13 @@ def run_eval(args) -> int:
         source = data.open_source(args.dataset, args.root, args.split)
     if len(source) == 0:
         raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
-    model = load(hub.resolve_weights(v, args.weights, args.revision), dtype=args.dtype)
+    model = hub.load_weights(hub.resolve(v, args.weights, args.revision), args.dtype)
     cm, images, seconds = evaluate(model, source, args.dataset, args.batch_size, args.workers,
                                    progress=not args.quiet)
     report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
               "images": images, "seconds": round(seconds, 2),
               "weights_sha256": model.metadata.get("source", {}).get("sha256"),
-              **metrics.summarize(cm, v.classes, helen=v.dataset == "helen")}
+              **metrics.summarize(cm, v.classes, v.data.merged_f1)}
     if jax.process_index() == 0:
         mean = "n/a" if report["mean_f1"] is None else f"{report['mean_f1']:.2f}"
         paper = f" (paper: {v.mean_f1:.2f})" if v.mean_f1 is not None else ""

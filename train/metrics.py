@@ -1,6 +1,6 @@
 """Upstream's evaluation metrics, from one confusion matrix over all test pixels.
 
-Protocol (SEGFACE.md, "Evaluation"): logits at the model resolution, argmax, one confusion
+Upstream's test protocol: logits at the model resolution, argmax, one confusion
 matrix (rows: ground truth, columns: prediction) over every pixel whose label is not 255.
 From it: per-class F1 = 2 TP / (2 TP + FP + FN), mean F1 over the classes except background,
 pixel accuracy, mean accuracy, per-class IoU and mIoU; Helen adds merged eyes, brows, mouth
@@ -19,16 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 IGNORE_LABEL = 255
-
-# Helen's merged regions, by class name (LaPa/Helen token order).
-HELEN_MERGES: dict[str, tuple[str, ...]] = {
-    "eyes": ("lefteye", "righteye"),
-    "brows": ("leftbro", "rightbro"),
-    "mouth": ("upperlip", "innermouth", "lowerlip"),
-    "overall": ("lefteye", "righteye", "leftbro", "rightbro", "nose", "upperlip",
-                "innermouth", "lowerlip"),
-}
-
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C) int64 counts [ground truth, prediction] over pixels whose label is not 255."""
@@ -64,8 +54,11 @@ def _f1(cm: np.ndarray, gt: Sequence[int], pred: Sequence[int]) -> float | None:
     return None if a + b == 0 else float(200.0 * inter / (a + b))
 
 
-def summarize(cm: np.ndarray, class_names: Sequence[str], helen: bool = False) -> dict:
-    """Every upstream metric (percent) from a confusion matrix, as a JSON-ready dict."""
+def summarize(cm: np.ndarray, class_names: Sequence[str],
+              merged: Sequence[tuple[str, Sequence[str]]] = ()) -> dict:
+    """Every upstream metric (percent) from a confusion matrix, as a JSON-ready dict; ``merged``
+    adds the F1 of regions made of several classes (a dataset's ``merged_f1``: Helen's eyes,
+    brows, mouth and overall) under ``"merged_f1"``."""
     cm = np.asarray(cm, np.float64)
     if cm.shape != (len(class_names),) * 2:
         raise ValueError(f"confusion matrix {cm.shape} does not fit {len(class_names)} classes")
@@ -83,8 +76,8 @@ def summarize(cm: np.ndarray, class_names: Sequence[str], helen: bool = False) -
         "pixels": int(cm.sum()),
         "absent_classes": [name for name, v in f1.items() if v is None],
     }
-    if helen:
+    if merged:
         index = {name: i for i, name in enumerate(class_names)}
-        out["helen"] = {merged: _f1(cm, [index[n] for n in names], [index[n] for n in names])
-                        for merged, names in HELEN_MERGES.items()}
+        out["merged_f1"] = {region: _f1(cm, [index[n] for n in names], [index[n] for n in names])
+                            for region, names in merged}
     return out

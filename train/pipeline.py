@@ -1,16 +1,20 @@
 """grain input pipelines over a raw-folder or TFDS source: shuffled, sharded, resumable.
 
-Training: every process reads its own shard (``jax.process_index()`` of
-``jax.process_count()``), shuffles it with a seed (a new order each epoch), decodes and
-augments in ``worker_count`` processes, and batches; the iterator's state (a few bytes) goes
-into the checkpoint so a resumed run continues with the same batches. Evaluation: each record
-exactly once, in order, in batches padded to a fixed size (padding labels are 255, ignored by
-the metrics), with the same number of batches on every process.
+Training: ``GlobalOrder`` decides which record fills each row of each global batch from the
+step alone (a seeded permutation per epoch); every process decodes and augments its own rows
+(in ``worker_count`` processes), so the data depend on neither the process count nor the
+worker count, and the checkpointed position is the global step: a resumed run continues with
+the same batches on any number of processes. Evaluation: each record exactly once, in order, in
+batches padded to a fixed size (padding labels are 255, ignored by the metrics), with the same
+number of batches on every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from segface_jax.datasets import DATASETS
 from segface_jax.train import data
 
 
@@ -30,17 +35,6 @@ class Prepare(grain.transforms.Map):
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         return data.prepare(record, self.dataset, self.resolution)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareAugmented(grain.transforms.RandomMap):
-    """Raw record -> model example with upstream's training augmentation (LaPa's affine)."""
-
-    dataset: str
-    resolution: int
-
-    def random_map(self, record: dict[str, Any], rng: np.random.Generator):
-        return data.prepare(record, self.dataset, self.resolution, rng)
 
 
 def _flags_parsed() -> None:
@@ -60,20 +54,125 @@ def _shard(shard_index: int | None, shard_count: int | None, drop_remainder: boo
     return grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=drop_remainder)
 
 
-def train_loader(source, dataset: str, resolution: int, batch_size: int, *, seed: int = 0,
-                 num_epochs: int | None = None, worker_count: int = 0,
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 augment: bool = True) -> grain.DataLoader:
-    """Shuffled, augmented, per-process batches of ``batch_size`` (the remainder dropped)."""
-    transform = PrepareAugmented if augment and dataset == "lapa" else Prepare
-    _flags_parsed()
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=_shard(shard_index, shard_count, True),
-        shuffle=True, num_epochs=num_epochs, seed=seed)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, worker_count=worker_count,
-        operations=[transform(dataset, resolution),
-                    grain.transforms.Batch(batch_size, drop_remainder=True)])
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+    """Which record fills each row of each global batch: a function of the step alone.
+
+    Epoch e is the records in the permutation seeded by (seed, e), cut into
+    ``steps_per_epoch`` global batches of ``global_batch`` rows (the remainder is dropped, as
+    upstream's loader drops the last partial batch). Process p of P reads rows
+    ``[p * b, (p + 1) * b)`` of every global batch, b = global_batch / P, so the global batch
+    (processes' rows in process order) and its augmentation (seeded by the global position)
+    are the same whatever the number of processes or workers: a run can resume from any step
+    on another number of processes.
+    """
+
+    num_records: int
+    global_batch: int
+    seed: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch."""
+        return self.num_records // self.global_batch
+
+    def record(self, position: int) -> int:
+        """The record at global position ``step * global_batch + row``."""
+        step, row = divmod(position, self.global_batch)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        return int(self._permutation(epoch)[step_in_epoch * self.global_batch + row])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return _permutation(self.num_records, self.seed, epoch)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+    """Local element k of process p -> its model example (grain maps it, in worker processes)."""
+
+    source: Any
+    order: GlobalOrder
+    dataset: str
+    resolution: int
+    rows: int  # this process's rows per global batch
+    process_index: int
+    augment: bool
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        step, row = divmod(int(k), self.rows)
+        position = step * self.order.global_batch + self.process_index * self.rows + row
+        record = self.source[self.order.record(position)]
+        rng = (np.random.default_rng([self.order.seed, position])
+               if self.augment and DATASETS[self.dataset].affine_augment else None)
+        return data.prepare(record, self.dataset, self.resolution, rng)
+
+
+class TrainBatches:
+    """This process's rows of every global batch, from a step on; its state is that step."""
+
+    def __init__(self, example: _TrainExample, worker_count: int, step: int = 0):
+        self._example, self._workers = example, worker_count
+        self.set_state(json.dumps({"step": step}).encode())
+
+    def _iterator(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+        b = self._example.rows
+        ds = grain.MapDataset.range(step * b, _MAX_STEPS * b).map(self._example)
+        ds = ds.batch(b, drop_remainder=True).to_iter_dataset()
+        if self._workers:
+            _flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        return iter(ds)
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        """The position: the global step whose batch comes next."""
+        return json.dumps({"step": self.step}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Continue from the global step ``state`` names."""
+        try:
+            step = json.loads(state)["step"]
+        except (ValueError, KeyError, TypeError):
+            raise data.DataError("the checkpoint's data position is not a segface-jax global "
+                                 "step (written by an older version?)") from None
+        self.step = int(step)
+        self._it = self._iterator(self.step)
+
+
+_MAX_STEPS = 1 << 40  # an endless stream: training stops at its own step count
+
+
+def train_loader(source, dataset: str, resolution: int, global_batch: int, *, seed: int = 0,
+                 worker_count: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, augment: bool = True) -> TrainBatches:
+    """This process's rows of each global batch in ``GlobalOrder``, augmented, decoded in
+    ``worker_count`` processes (the batches are the same for any worker count)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                         "processes")
+    order = GlobalOrder(len(source), global_batch, seed)
+    if order.steps_per_epoch == 0:
+        raise ValueError(f"{len(source)} records cannot fill one global batch of "
+                         f"{global_batch}")
+    rows = global_batch // process_count
+    return TrainBatches(_TrainExample(source, order, dataset, resolution, rows, process_index,
+                                      augment), worker_count)
 
 
 def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
@@ -101,6 +200,13 @@ def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
         for batch in loader:
             yield _pad(batch, batch_size, resolution)
             done += 1
+        if worker_count:
+            # The workers' batches live in shared memory, which each array unlinks when it is
+            # freed; grain's iterator keeps them in a reference cycle, so without a collection
+            # here they would be freed only at interpreter exit, too late to unlink (and
+            # Python's resource tracker would warn of leaked shared_memory objects).
+            batch = None  # noqa: F841  (the last batch: drop it before collecting)
+            gc.collect()
         for _ in range(steps - done):
             yield _pad(None, batch_size, resolution)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segface_jax.datasets import DATASETS
 from segface_jax.preprocess import upright_rgb
 from segface_jax.train import data
 
@@ -62,7 +63,8 @@ def _builder_class(dataset: str):
 
         def _split_generators(self, dl_manager):
             root = Path(dl_manager.manual_dir)
-            return {split: self._generate_examples(root, split) for split in data.SPLITS[dataset]
+            splits = DATASETS[dataset].splits
+            return {split: self._generate_examples(root, split) for split in splits
                     if _has_split(dataset, root, split)}
 
         def _generate_examples(self, root: Path, split: str):
@@ -76,9 +78,8 @@ def _builder_class(dataset: str):
 
 def _has_split(dataset: str, root: Path, split: str) -> bool:
     # a split with files (TFDS cannot write an empty split)
-    present = (root / "list_eval_partition.txt").is_file() if dataset == "celebamask_hq" \
-        else (root / split).is_dir()
-    return present and len(data.open_source(dataset, root, split)) > 0
+    return data.SOURCES[dataset].has_split(root, split) and len(
+        data.open_source(dataset, root, split)) > 0
 
 
 def _encoded_record(source, name: str) -> dict[str, Any]:
@@ -103,9 +104,8 @@ _BUILDERS: dict[str, Any] = {}
 
 def builder(dataset: str, data_dir: str | os.PathLike):
     """The TFDS builder of ``dataset`` writing array_record files under ``data_dir``."""
-    if dataset not in data.DATASETS:
-        raise data.DataError(f"unknown dataset {dataset!r}; choose from "
-                             f"{', '.join(data.DATASETS)}")
+    if dataset not in DATASETS:
+        raise data.DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if dataset not in _BUILDERS:
         _BUILDERS[dataset] = _builder_class(dataset)
     return _BUILDERS[dataset](data_dir=str(data_dir), file_format="array_record")

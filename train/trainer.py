@@ -16,7 +16,6 @@ profiling). This module only wires them together.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -24,8 +23,9 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -40,6 +40,9 @@ from segface_jax.train.mesh import data_mesh, prefetch_to_device
 from segface_jax.train.model_init import build_model
 from segface_jax.train.writer import MetricWriter
 from segface_jax.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from segface_jax.train.pipeline import TrainBatches
 
 __all__ = ["TrainConfig", "TrainingError", "build_model", "load_config", "run_train", "train"]
 
@@ -68,8 +71,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
         try:
             with MetricWriter(workdir, total_steps=run.total_steps,
                               initial_step=status.latest.step, desc=f"train {run.variant.name}",
-                              progress=progress) as writer, _sigterm_interrupts():
-                _loop(run, status, checkpoints, writer, profile_steps)
+                              progress=progress) as writer, _StopRequest() as stop:
+                _loop(run, status, checkpoints, writer, profile_steps, stop)
         except KeyboardInterrupt:
             interrupted = True
 
@@ -109,7 +112,7 @@ class _Run:
     mesh: jax.sharding.Mesh
     graphdef: Any  # nnx.GraphDef of the model
     train_step: Callable  # jit(state, batch) -> (state, metrics)
-    batches: Iterator[dict[str, np.ndarray]]  # this process's rows (grain, with get_state)
+    batches: TrainBatches  # this process's rows of each global batch; state: the step
     val_source: Any  # the validation split, or None when the run does not validate
 
 
@@ -128,7 +131,7 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                             f"{cfg.global_batch}")
     mesh = data_mesh()
     schedule = optim.multistep_schedule(cfg.lr, cfg.milestones, cfg.gamma, steps_per_epoch)
-    tx = optim.adamw(schedule, cfg.weight_decay)
+    tx = optim.adamw(schedule, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps)
     model = build_model(cfg)
     set_remat(model, cfg.remat)
     graphdef, state = step.init_state(model, tx, cfg.seed)
@@ -136,10 +139,9 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                                       needs_landmarks=v.needs_landmarks, lr_schedule=schedule,
                                       accum_steps=cfg.accum_steps)
     loader = pipeline.train_loader(source, v.dataset, cfg.resolution or v.resolution,
-                                   cfg.global_batch // jax.process_count(), seed=cfg.seed,
-                                   worker_count=cfg.workers)
+                                   cfg.global_batch, seed=cfg.seed, worker_count=cfg.workers)
     run = _Run(cfg, v, workdir, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch,
-               mesh, graphdef, train_step, iter(loader), _val_source(cfg, v))
+               mesh, graphdef, train_step, loader, _val_source(cfg, v))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     return run, _Status(_Step(0, state, {}, run.batches.get_state()), saved=0)
 
@@ -166,8 +168,7 @@ def _val_source(cfg: TrainConfig, v: Variant):
     if not cfg.eval_every_epochs or not cfg.data_root:
         return None
     try:
-        source = data.open_source(v.dataset, cfg.data_root,
-                                  "test" if v.dataset == "helen" else "val")
+        source = data.open_source(v.dataset, cfg.data_root, v.data.val_split)
     except data.DataError:
         return None
     return source if len(source) else None
@@ -193,7 +194,7 @@ def _restore(run: _Run, status: _Status, checkpoints: RunCheckpoints, resume: bo
 
 
 def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: MetricWriter,
-          profile_steps: int) -> None:
+          profile_steps: int, stop: _StopRequest) -> None:
     """Train to ``total_steps``: log, checkpoint, validate and profile on their schedules."""
     cfg = run.cfg
     if status.latest.step >= run.total_steps:
@@ -230,6 +231,8 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
                 meter.restart(step_no)
             if last:
                 return
+            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between steps
+                raise KeyboardInterrupt
 
 
 def _host_metrics(status: _Status, checkpoints: RunCheckpoints) -> dict[str, float]:
@@ -255,8 +258,8 @@ def _validate(run: _Run, state: dict[str, Any]) -> float:
     """Validation mean F1 of ``state``'s model (inference mode, upstream's protocol)."""
     from flax import nnx
 
-    from segface_jax.checkpoint import LoadedModel
     from segface_jax.models.layers import set_training
+    from segface_jax.runtime import LoadedModel
     from segface_jax.train import metrics
     from segface_jax.train.evaluate import evaluate
 
@@ -265,7 +268,7 @@ def _validate(run: _Run, state: dict[str, Any]) -> float:
     set_training(module, False)
     cm, _, _ = evaluate(LoadedModel(v, module, {}), run.val_source, v.dataset,
                         run.cfg.global_batch, 0, progress=False, resolution=run.cfg.resolution)
-    report = metrics.summarize(cm, v.classes, helen=v.dataset == "helen")
+    report = metrics.summarize(cm, v.classes, v.data.merged_f1)
     return float(report["mean_f1"] or 0.0)
 
 
@@ -301,19 +304,31 @@ def _summary(run: _Run, status: _Status, interrupted: bool) -> dict[str, Any]:
             "digest": digest.hexdigest()[:16]}
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """A scheduler's SIGTERM raises KeyboardInterrupt inside the block, so it saves like
-    Ctrl-C."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _StopRequest:
+    """Inside the block, Ctrl-C (SIGINT) and a scheduler's SIGTERM ask the loop to stop after
+    the step in progress, which it then saves. The request is a flag the loop reads between
+    steps, so it never lands inside a library (where a KeyboardInterrupt raised in a finalizer
+    would be swallowed); a second Ctrl-C interrupts at once. Only the main thread can handle
+    signals: elsewhere the block changes nothing."""
 
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def run_train(args: argparse.Namespace) -> int:

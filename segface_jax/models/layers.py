@@ -85,8 +85,8 @@ def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
                    impl: str | None = None, stride: int = 1) -> jnp.ndarray:
     """Depthwise conv, symmetric padding (k-1)//2: (B, H, W, C), (k, k, C) -> (B, H/s, W/s, C).
 
-    XLA:CPU's grouped convolution is ~13x slower than torch's here (see PERF.md), while a sum
-    of k*k shifted (strided) slices is fused into one fast loop (in inference; its autodiff
+    XLA:CPU's grouped convolution is many times slower than torch's (bench/depthwise.py), while
+    a sum of k*k shifted (strided) slices is fused into one fast loop (in inference; its autodiff
     backward is k*k separate passes, still faster than the grouped convolution's). The choice
     is made per platform at lowering (``lax.platform_dependent``): CPU runs the slices, every other
     platform ``lax.conv_general_dilated``, so one multi-platform export is right everywhere.

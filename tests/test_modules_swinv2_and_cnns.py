@@ -1,4 +1,4 @@
-"""Per-block parity for the encoders of issue 3: SwinV2, MobileNetV3, EfficientNetV2, ResNet.
+"""Per-block parity of the SwinV2, MobileNetV3, EfficientNetV2 and ResNet encoders.
 
 Same method and bar as tests/test_modules.py (torch module randomised, copied with the
 converter's own rules, max |delta| / max |reference| <= 2e-6; measured 1e-7 to 1e-6).
