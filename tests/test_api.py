@@ -53,6 +53,7 @@ def _small_model(align: bool = False) -> SegFace:
     return SegFace(SegFaceConfig("swin_b", names, align, SMALL), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
     model = _small_model()
     params = {k: np.asarray(v) for k, v in checkpoint.flat_state(model).items()}
@@ -155,6 +156,7 @@ def test_fill_module_rejects_wrong_shapes():
         fill_module(abstract, arrays)
 
 
+@pytest.mark.slow
 def test_model_is_jittable_and_batched():
     model = _small_model(align=True)
     x = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))

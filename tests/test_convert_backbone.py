@@ -21,6 +21,8 @@ from segface_jax.cli import main
 from segface_jax.convert import backbone, reference
 from tests.helpers import rel_error, to_nhwc
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 # arch, torchvision builder, where the taps are
 ARCHS = {
     "swin_b": (torchvision.models.swin_b, "features", (1, 3, 5, 7)),

@@ -32,6 +32,7 @@ def _assert_nothing_written(out: Path):
     assert not list(out.parent.glob(f".{out.name}.partial-*")), "a partial directory was left"
 
 
+@pytest.mark.slow
 def test_convert_writes_checkpoint_and_metadata(tmp_path, capsys):
     src = release.release_file("swin_celeba")
     out = tmp_path / "ckpt"
@@ -101,6 +102,7 @@ def test_one_error_lists_every_problem(tmp_path, capsys):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", ["drop", "add", "shape", "rank", "nan", "inf"])
 def test_each_single_problem_is_refused(tmp_path, capsys, mutation):
     """Each defect alone: a one-line-per-problem report naming the key, nothing written."""
@@ -174,6 +176,7 @@ def test_pickle_that_would_run_code_is_refused_without_running(tmp_path, capsys)
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "c"
     out.mkdir()
@@ -216,6 +219,7 @@ def test_killed_conversion_leaves_no_output(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size", [
     ("swinb_celeba_512", 64),   # stage maps 16, 8, 4, 2: padding and shift clipping everywhere
     ("convnext_celeba_512", 64),
@@ -275,6 +279,7 @@ def test_port_constants_are_upstream_literals():
     assert reference.UPSTREAM_CLASSES["celebamask_hq"][:3] == ("background", "neck", "face")
 
 
+@pytest.mark.slow
 def test_cache_cleans_a_killed_conversion_and_waits_for_a_running_one(tmp_path, monkeypatch,
                                                                        capsys):
     """The converted-checkpoint cache: the partial directory of a conversion killed earlier is

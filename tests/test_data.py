@@ -165,6 +165,7 @@ def _digest(batch) -> str:
                           + batch["landmarks"].tobytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_pipeline_is_deterministic_and_resumable(roots):
     src = data.open_source("lapa", roots["lapa"], "train")
 
@@ -304,6 +305,7 @@ def test_data_check_reports_missing_files(roots, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_is_sharded_over_devices_and_matches_a_direct_count(roots, tmp_path, capsys):
     import json
 
@@ -338,8 +340,10 @@ def test_eval_is_sharded_over_devices_and_matches_a_direct_count(roots, tmp_path
     rc = main(["eval", "--variant", "swinb_celeba_224", "--weights", str(weights),
                "--dataset", "lapa", "--root", str(roots["lapa"])])
     assert rc == 2 and "trained on celebamask_hq" in capsys.readouterr().err
+    assert not Path("eval-swinb_celeba_224-test").exists()  # refused before creating its --out
 
 
+@pytest.mark.slow
 def test_eval_prints_its_metrics_when_the_reports_cannot_be_written(roots, tmp_path, capsys,
                                                                     monkeypatch):
     """A disk that fills up after the check: the metrics still reach the terminal, then one

@@ -18,6 +18,8 @@ from segface_jax.runtime import LoadedModel, load
 from segface_jax.variants import get_variant
 from tests import release
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 # Parity bar of the whole project (tests/test_parity_native.py): max |d| / max |ref| <= 2e-5,
 # argmax >= 99.99%. For LaPa the tanh-warp grid amplifies float32 rounding (arctanh near the
 # border), so a different but equally valid float32 evaluation (ONNX Runtime's kernels) moves

@@ -12,6 +12,8 @@ from segface_jax.cli import main
 from segface_jax.examples import sample_face
 from tests import release
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 
 def _figures(text: str) -> tuple[float, float]:
     m = re.search(r"relative = ([0-9.e+-]+), argmax agreement = ([0-9.]+)%", text)

@@ -58,6 +58,7 @@ def test_resize_back_matches_torch_interpolate():
         np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_sizes_and_kinds_compile_one_batch_shape(celeba, tmp_path):
     rgb = astronaut()
     Image.fromarray(rgb[:300, :200]).save(tmp_path / "crop.png")
@@ -103,6 +104,7 @@ def test_bad_input_raises_naming_it(celeba, tmp_path):
     assert out[0].error and out[0].labels is None and out[1].labels.shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_lapa_landmark_formats_give_identical_results(lapa):
     rgb = astronaut()
     lm5 = ASTRONAUT_LANDMARKS
@@ -118,6 +120,7 @@ def test_lapa_landmark_formats_give_identical_results(lapa):
     assert float((result.labels[0] == expected).mean()) >= 0.9999
 
 
+@pytest.mark.slow
 def test_lapa_without_landmarks_assumes_an_aligned_crop_and_says_so_once(tmp_path):
     notes: list[str] = []
     parser = FaceParser(load(release.converted("swinb_lapa_224")), batch_size=2,
@@ -135,6 +138,7 @@ def test_lapa_without_landmarks_assumes_an_aligned_crop_and_says_so_once(tmp_pat
         parser([crop, crop], landmarks=[FIVE])
 
 
+@pytest.mark.slow
 def test_helen_crop_from_68_points_and_paste_back():
     parser = FaceParser(load(release.converted("swinb_helen_512")), batch_size=1)
     rgb = astronaut()
@@ -155,6 +159,7 @@ def test_helen_crop_from_68_points_and_paste_back():
     assert float((five_only == _direct_labels(parser.model, rgb)).mean()) >= 0.9999
 
 
+@pytest.mark.slow
 def test_bfloat16_parser_agrees_with_float32(celeba):
     """bfloat16 compute on the full astronaut photo, against our own float32 run."""
     bf16 = FaceParser(load(release.converted("swinb_celeba_224"), dtype="bfloat16"))
@@ -179,6 +184,7 @@ def _fake_hub(root, variant: str, files: dict[str, bytes]) -> None:
         target.write_bytes(data)
 
 
+@pytest.mark.slow
 def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
@@ -221,6 +227,7 @@ def _truncate_largest_file(directory) -> None:
         f.truncate(1000)
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_converted_again(tmp_path, monkeypatch, capsys):
     """A truncated file in the conversion cache: said in one line and converted again from the
     source .pt; a damaged directory the user converted is reported (with the fix), not touched."""
@@ -290,6 +297,7 @@ def test_from_pretrained_path_errors(tmp_path):
     assert isinstance(segface_jax.FaceParser, type)
 
 
+@pytest.mark.slow
 def test_detector_supplies_missing_landmarks():
     """A detector (any callable) is used for LaPa images given without landmarks."""
     from segface_jax.detect import mesh_to_five

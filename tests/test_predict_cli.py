@@ -19,6 +19,8 @@ from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut
 from segface_jax.variants import get_variant
 from tests import release
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

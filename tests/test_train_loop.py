@@ -77,6 +77,7 @@ def _params(workdir: Path, step: int) -> dict[str, np.ndarray]:
     return {k: v for k, v in _state(workdir, step).items() if k.startswith("params.")}
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_logs_and_refuses_nan(tmp_path, lapa_root):
     cfg = load_config(_config(tmp_path, lapa_root, 4), ["eval_every_epochs=1"])
     summary = train(cfg, tmp_path / "run", progress=False)
@@ -104,6 +105,7 @@ def test_tiny_recipe_trains_logs_and_refuses_nan(tmp_path, lapa_root):
     assert all(np.isfinite(a).all() for a in _params(tmp_path / "nan", good).values())
 
 
+@pytest.mark.slow
 def test_profile_trace_and_throughput_records(tmp_path, lapa_root):
     """``profile_steps=1`` leaves a profiler trace in WORKDIR/profile; train records carry
     images/s, the compiled step's FLOPs and, given a peak, model FLOPs utilisation."""
@@ -197,21 +199,24 @@ def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:
             "--workdir", str(workdir), "--quiet", *extra]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, lapa_root):
-    """Run A trains 8 steps; run B is killed with SIGKILL after its first checkpoint and
-    resumed: its final state equals A's bit for bit, everything the checkpoint holds
-    (parameters, optimizer state, step, seed, data position), so data order, augmentation and
-    stochastic depth were all restored. (The BatchNorm statistics of a resumed run are checked
-    in test_processes_share_the_global_batch_and_resume_on_another_count.)"""
-    config = _config(tmp_path, lapa_root, 8)
-    env = {**os.environ, "XLA_FLAGS": "", "SEGFACE_JAX_COMPILATION_CACHE": "0"}
-    a = subprocess.run(_cli(config, tmp_path / "a"), env=env, capture_output=True, text=True,
-                       timeout=600)
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path_factory):
+    """A small MobileNetV3 (BatchNorm) recipe: run A trains 8 steps; run B is killed with
+    SIGKILL after its first checkpoint and resumed: its final state equals A's bit for bit,
+    everything the checkpoint holds (parameters, BatchNorm statistics, optimizer state, step,
+    seed, data position). (A resumed run's stochastic-depth draws are checked in
+    test_processes_share_the_global_batch_and_resume_on_another_count, bit for bit too.)"""
+    config = _bn_config(tmp_path_factory)
+    work = tmp_path_factory.mktemp("sigkill")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    steps = ("--set", "max_steps=8")
+    a = subprocess.run(_cli(config, work / "a", *steps), env=env, capture_output=True,
+                       text=True, timeout=600)
     assert a.returncode == 0, a.stderr[-2000:]
-    proc = subprocess.Popen(_cli(config, tmp_path / "b"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(config, work / "b", *steps), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    ckpts = tmp_path / "b" / "checkpoints"
+    ckpts = work / "b" / "checkpoints"
     while time.time() < deadline and not (ckpts.is_dir() and any(
             p.name.isdigit() for p in ckpts.iterdir())):
         time.sleep(0.01)
@@ -219,15 +224,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, lapa_root):
     proc.wait()
     done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert done and done[-1] < 8, done  # killed mid-run
-    b = subprocess.run(_cli(config, tmp_path / "b", "--resume"), env=env, capture_output=True,
-                       text=True, timeout=600)
+    b = subprocess.run(_cli(config, work / "b", *steps, "--resume"), env=env,
+                       capture_output=True, text=True, timeout=600)
     assert b.returncode == 0, b.stderr[-2000:]
     assert f"resumed from step {done[-1]}" in b.stdout
-    a, b = _state(tmp_path / "a", 8), _state(tmp_path / "b", 8)
+    a, b = _state(work / "a", 8), _state(work / "b", 8)
     assert a.keys() == b.keys() and {k.split(".")[0] for k in a} >= {
-        "params", "opt", "step", "seed", "data"}
+        "params", "rest", "opt", "step", "seed", "data"}
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _bn_config(tmp_path_factory) -> Path:
+    """A config file for BN_RECIPE over a small CelebAMask-HQ folder."""
+    from dataclasses import asdict
+
+    from tests import datasets
+    from tests.small_models import jax_config
+
+    root = datasets.write_celeba(tmp_path_factory.mktemp("celeba"), extra_train=16)
+    config = tmp_path_factory.mktemp("config") / "bn.py"
+    config.write_text(BN_RECIPE.format(root=str(root), encoder=tuple(
+        asdict(jax_config("mobilenet_v3_large")).items())))
+    return config
 
 
 BN_RECIPE = '''
@@ -285,6 +304,7 @@ def _one_position(state: dict) -> dict:
     return {**rest, "data.position": np.asarray(positions.pop())}
 
 
+@pytest.mark.slow
 def test_processes_share_the_global_batch_and_resume_on_another_count(tmp_path, lapa_root):
     """The tiny recipe (global batch 8, stochastic depth on) on 1 and 2 processes.
 
@@ -331,29 +351,7 @@ def test_processes_share_the_global_batch_and_resume_on_another_count(tmp_path, 
     print("\nlargest differences from the one-process run:", worst)
 
 
-def test_a_batchnorm_run_resumes_bit_for_bit(tmp_path_factory):
-    """A small MobileNetV3 recipe resumed from its step-2 checkpoint ends with exactly the
-    uninterrupted run's state: BatchNorm statistics, optimizer moments and all."""
-    from dataclasses import asdict
-
-    from tests import datasets
-    from tests.small_models import jax_config
-
-    root = datasets.write_celeba(tmp_path_factory.mktemp("celeba"), extra_train=16)
-    work = tmp_path_factory.mktemp("runs")
-    config = work / "bn.py"
-    config.write_text(BN_RECIPE.format(root=str(root), encoder=tuple(
-        asdict(jax_config("mobilenet_v3_large")).items())))
-    _run_processes(config, work / "a", 1)
-    shutil.copytree(work / "a", work / "b")
-    shutil.rmtree(work / "b" / "checkpoints" / "4")
-    assert "resumed from step 2" in _run_processes(config, work / "b", 1, "--resume")[0]
-    a, b = _state(work / "a", 4), _state(work / "b", 4)
-    assert a.keys() == b.keys() and any(k.startswith("rest.") for k in a)  # BatchNorm statistics
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
     config = _config(tmp_path, lapa_root, 100_000)  # far more than it can run before the signal
     env = {**os.environ, "XLA_FLAGS": "", "SEGFACE_JAX_COMPILATION_CACHE": "0"}
@@ -371,6 +369,7 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
     assert (tmp_path / "run" / "checkpoints" / str(saved)).is_dir()
 
 
+@pytest.mark.slow
 def test_initialisation_from_imagenet_encoder_and_segface_checkpoints(tmp_path, lapa_root):
     import dataclasses
 

@@ -24,6 +24,8 @@ from segface_jax.train import losses, optim, step
 from segface_jax.variants import get_variant
 from tests.helpers import gradient_errors, torch_segface_loss, torch_train_step
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 
 def _one_device_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],

@@ -30,6 +30,8 @@ from segface_jax.variants import get_variant
 from tests import datasets, small_models
 from tests.helpers import copy_from_torch, gradient_errors, torch_train_step
 
+pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+
 FAMILIES = list(small_models.FAMILY_VARIANT)
 BN_FAMILIES = ("mobilenet_v3_large", "efficientnet_v2_m", "resnet101")
 # 72 px: Swin stages of 18, 9, 5, 3 tokens, padded to 21, 14, 7, 7 (window 7) and 24, 16, 8, 8

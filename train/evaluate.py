@@ -171,11 +171,11 @@ def run_eval(args) -> int:
 
     v = get_variant(args.variant)
     out = Path(args.out or f"eval-{v.name}-{args.split}")
-    if jax.process_index() == 0:
-        ensure_writable(out, "--out")
-    if args.dataset != v.dataset:
+    if args.dataset != v.dataset:  # before anything is created
         raise data.DataError(f"{v.name} was trained on {v.dataset}, not {args.dataset}; its "
                              "classes would not match the labels")
+    if jax.process_index() == 0:
+        ensure_writable(out, "--out")
     if args.data_dir:
         from segface_jax.train.tfds_builders import TFDSSource
 
