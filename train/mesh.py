@@ -31,11 +31,12 @@ def prefetch_to_device(it: Iterator, sharding: jax.sharding.Sharding,
                        keys: Sequence[str]) -> Iterator[tuple[dict[str, jax.Array], bytes]]:
     """Yield (global batch on the mesh, ``it``'s position after it), one batch ahead.
 
-    ``it`` yields this process's rows of each global batch and has grain's
-    ``get_state()``. When batch k is handed out, batch k+1 is already on its way to the
-    devices (double buffering, like ``flax.jax_utils.prefetch_to_device`` but for jit
-    shardings). The position is read before the look-ahead batch is drawn, so it counts
-    exactly the batches yielded so far: the one a checkpoint after batch k must store.
+    ``it`` yields this process's rows of each global batch and has a ``get_state()``
+    (``pipeline.TrainBatches``: the global step). When batch k is handed out, batch k+1 is
+    already on its way to the devices (double buffering, like
+    ``flax.jax_utils.prefetch_to_device`` but for jit shardings). The position is read before
+    the look-ahead batch is drawn, so it counts exactly the batches yielded so far: the one a
+    checkpoint after batch k must store.
     """
     def place(local: dict) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in keys}
