@@ -200,14 +200,14 @@ def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path_factory):
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """A small MobileNetV3 (BatchNorm) recipe: run A trains 8 steps; run B is killed with
     SIGKILL after its first checkpoint and resumed: its final state equals A's bit for bit,
     everything the checkpoint holds (parameters, BatchNorm statistics, optimizer state, step,
     seed, data position). (A resumed run's stochastic-depth draws are checked in
     test_processes_share_the_global_batch_and_resume_on_another_count, bit for bit too.)"""
-    config = _bn_config(tmp_path_factory)
-    work = tmp_path_factory.mktemp("sigkill")
+    config = _bn_config(tmp_path)
+    work = tmp_path
     env = {**os.environ, "XLA_FLAGS": ""}
     steps = ("--set", "max_steps=8")
     a = subprocess.run(_cli(config, work / "a", *steps), env=env, capture_output=True,
@@ -235,15 +235,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path_factory):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def _bn_config(tmp_path_factory) -> Path:
-    """A config file for BN_RECIPE over a small CelebAMask-HQ folder."""
+def _bn_config(directory: Path) -> Path:
+    """A config file for BN_RECIPE over a small CelebAMask-HQ folder, both in ``directory``."""
     from dataclasses import asdict
 
     from tests import datasets
     from tests.small_models import jax_config
 
-    root = datasets.write_celeba(tmp_path_factory.mktemp("celeba"), extra_train=16)
-    config = tmp_path_factory.mktemp("config") / "bn.py"
+    root = datasets.write_celeba(directory / "celeba", extra_train=16)
+    config = directory / "bn.py"
     config.write_text(BN_RECIPE.format(root=str(root), encoder=tuple(
         asdict(jax_config("mobilenet_v3_large")).items())))
     return config
@@ -365,7 +365,7 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     saved = int(err.split("checkpoint saved at step ")[1].split(";")[0])
-    assert 3 <= saved < 100_000 and "continue with --resume" in err
+    assert 3 <= saved < 100_000 and "continue with --resume" in err, err[-2000:]
     assert (tmp_path / "run" / "checkpoints" / str(saved)).is_dir()
 
 

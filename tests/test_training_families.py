@@ -273,12 +273,12 @@ def get_config():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_recipe_of_every_family_trains_through_the_cli(tmp_path_factory, family):
+def test_tiny_recipe_of_every_family_trains_through_the_cli(tmp_path, family):
     """`segface-jax train` runs two steps of each family's small model at 40 px, where every
     Swin stage pads (10, 5, 3, 2 tokens), with finite losses and gradients; MobileNet also
     with per-block remat and 2-step accumulation from the command line."""
-    root = datasets.write_celeba(tmp_path_factory.mktemp("celeba"), extra_train=16)
-    work = tmp_path_factory.mktemp("run")
+    root = datasets.write_celeba(tmp_path / "celeba", extra_train=16)
+    work = tmp_path
     config = work / "recipe.py"
     config.write_text(RECIPE.format(variant=small_models.FAMILY_VARIANT[family], root=str(root),
                                     family=family))

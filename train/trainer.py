@@ -285,7 +285,7 @@ def _final_save(run: _Run, status: _Status, checkpoints: RunCheckpoints,
                 float(status.latest.metrics["loss"])):
             _save(run, status, checkpoints)
     except Exception as e:  # noqa: BLE001 - e.g. arrays donated to an interrupted call
-        print(f"\ncould not save at the interruption ({type(e).__name__})", file=sys.stderr)
+        print(f"\ncould not save at the interruption ({type(e).__name__}: {e})", file=sys.stderr)
     print(f"\ninterrupted: checkpoint saved at step {status.saved}; continue with --resume",
           file=sys.stderr)
 
