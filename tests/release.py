@@ -44,7 +44,7 @@ def session_dir() -> Path:
     return _DIR
 
 
-@functools.cache
+@functools.lru_cache(maxsize=2)  # rebuilt the same from its seed when evicted; ~400 MB each
 def reference_model(kind: str) -> reference.SegFaceReference:
     """The randomised PyTorch reference for ``kind`` (eval mode, float32)."""
     name, seed = KINDS[kind]

@@ -210,7 +210,7 @@ def test_killed_conversion_leaves_no_output(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "segface_jax.cli", "convert",
                              str(release.release_file("convnext_celeba")), str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not list(tmp_path.glob(".c.partial-*")):
         time.sleep(0.02)
     assert list(tmp_path.glob(".c.partial-*")), "conversion never started writing"
@@ -233,6 +233,7 @@ def test_small_models_match_torch_through_the_rules(name, size):
     (up to ~1e-3 px, see test_modules) into input noise: measured 2.4e-5, bound 1e-4.
     """
     import numpy as np
+    from flax import nnx
 
     from segface_jax.checkpoint import abstract_model, fill_module
     from segface_jax.convert import reference
@@ -257,7 +258,8 @@ def test_small_models_match_torch_through_the_rules(name, size):
     lm = None
     if v.needs_landmarks:
         lm = default_landmarks(size).repeat(2, 0) * 0.9 + 4
-    result = compare(np.asarray(model(x, lm)), run_torch(ref, x, lm))
+    ours = nnx.jit(lambda m, x, lm: m(x, lm))(model, x, lm)  # eager: 400 small compiles
+    result = compare(np.asarray(ours), run_torch(ref, x, lm))
     print(f"\n{name} small at {size}px: rel {result.relative:.2e}, "
           f"argmax {100 * result.argmax_agreement:.4f}%")
     assert result.relative <= (1e-4 if v.needs_landmarks else 2e-5)

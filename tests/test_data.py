@@ -379,7 +379,7 @@ def test_eval_batches_with_workers_leave_no_shared_memory_behind(roots):
             "steps, batches = pipeline.eval_batches(src, 'celebamask_hq', 32, 2, worker_count=2)\n"
             "print(sum(int(b['valid'].sum()) for b in batches), 'images')\n")
     proc = subprocess.run([sys.executable, "-c", code, str(roots["celebamask_hq"])],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3 images"
     assert "leaked shared_memory" not in proc.stderr, proc.stderr

@@ -52,7 +52,7 @@ REL_BAR = 2e-5
 ARGMAX_BAR = 0.9999
 
 
-@functools.lru_cache(maxsize=4)  # conversions stay cached on disk; bound the memory held
+@functools.lru_cache(maxsize=2)  # conversions stay cached on disk; bound the memory held
 def _loaded(name: str, dtype=None) -> segface_jax.LoadedModel:
     out = release.session_dir() / f"orbax-{name}"
     if not out.exists():

@@ -215,7 +215,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.returncode == 0, a.stderr[-2000:]
     proc = subprocess.Popen(_cli(config, work / "b", *steps), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     ckpts = work / "b" / "checkpoints"
     while time.time() < deadline and not (ckpts.is_dir() and any(
             p.name.isdigit() for p in ckpts.iterdir())):
@@ -358,11 +358,11 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
     proc = subprocess.Popen(_cli(config, tmp_path / "run", "--set", "checkpoint_every=1000"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-2000:]
     saved = int(err.split("checkpoint saved at step ")[1].split(";")[0])
     assert 3 <= saved < 100_000 and "continue with --resume" in err, err[-2000:]
