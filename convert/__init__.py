@@ -12,6 +12,8 @@ names below and nothing deeper:
   (``weights_only=True``) and tell which released variant it holds.
 - ``run_parity(...)`` and ``seeded_release(variant, directory)``: the ``parity`` command and the
   seeded random-weights release file used by demos and tests.
+- ``check_golden(variant, directory, weights)``: ``parity --golden``, which needs no torch
+  (``GoldenError``: golden files missing, of another variant or checkpoint, or modified).
 """
 
 from segface_jax.convert.backbone import convert_backbone
@@ -22,7 +24,9 @@ from segface_jax.convert.converter import (
     infer_variant,
     load_state_dict,
 )
+from segface_jax.convert.golden import GoldenError, check_golden
 from segface_jax.convert.parity import run_parity, seeded_release
 
-__all__ = ["ConversionError", "ConversionReport", "convert_backbone", "convert_checkpoint",
-           "infer_variant", "load_state_dict", "run_parity", "seeded_release"]
+__all__ = ["ConversionError", "ConversionReport", "GoldenError", "check_golden",
+           "convert_backbone", "convert_checkpoint", "infer_variant", "load_state_dict",
+           "run_parity", "seeded_release"]

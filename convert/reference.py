@@ -168,6 +168,33 @@ class SegFaceReference(nn.Module):
         grid = warp_grid(matrix, x.shape[-2:], x.shape[-2:])
         return F.grid_sample(x, grid, mode="bilinear", align_corners=False), matrix
 
+    def stages(self, x: torch.Tensor, landmarks: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """``forward``'s intermediate results by name (NCHW maps, (B, T, C) tokens), in order;
+        the last is ``forward``'s output."""
+        out: dict[str, torch.Tensor] = {}
+        orig_hw = x.shape[-2:]
+        if self.align:
+            x, matrix = self.align_input(x, landmarks)
+            out["aligned input"] = x
+        feats = self.features(x)
+        out.update({f"encoder tap {i + 1}": f for i, f in enumerate(feats)})
+        size = feats[0].shape[-2:]
+        maps = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+                for p, f in zip(self.linear_c, feats, strict=True)]
+        fused = out["fused features"] = self.linear_fuse(torch.cat(maps[::-1], dim=1))
+        pe = self._positional_encoding(*fused.shape[-2:]).unsqueeze(0)
+        decoder = self.face_decoder
+        tokens = torch.cat([getattr(decoder, f"{n}_token").weight for n in decoder.class_names])
+        hs, _ = decoder.transformer(fused, pe, tokens.unsqueeze(0).expand(x.shape[0], -1, -1))
+        out["class tokens after the transformer"] = hs
+        logits = out["logits"] = decoder(fused, pe)
+        if self.align:
+            grid = inverse_warp_grid(matrix, logits.shape[-2:], orig_hw)
+            out["logits after the inverse warp"] = F.grid_sample(
+                logits, grid, mode="bilinear", align_corners=False)
+        return out
+
     def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
         if not self.align:  # Helen's forward ignores landmarks, as upstream's does
             return self.parse(x)

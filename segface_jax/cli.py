@@ -32,6 +32,37 @@ def _convert_backbone(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
+    if args.golden:  # no torch: the stored reference decides
+        from segface_jax.convert import GoldenError, check_golden
+
+        if args.image or args.save_golden or args.referee:
+            raise GoldenError("--golden re-checks the stored input and reference: it takes no "
+                             "--image, --save-golden or --referee")
+        variant = get_variant(args.variant)
+
+        def weights(sha256: str) -> Path:  # --weights, else the cache's conversion of the file
+            from segface_jax import hub
+            from segface_jax.files import sha256_file
+
+            if args.weights is None:
+                cached = hub.cached_conversion(sha256, variant)
+                if cached is None:
+                    raise GoldenError(
+                        f"the golden files were made from a release file with sha256 "
+                        f"{sha256[:12]}..., whose conversion is not in the cache "
+                        f"({hub.cache_dir() / 'converted'}); pass --weights: a directory "
+                        "written by `segface-jax convert`, or the model_299.pt")
+                return cached
+            path = Path(args.weights)
+            if not path.is_file():
+                return path  # a converted directory (checked), or refused as not one
+            if (got := sha256_file(path)) != sha256:
+                raise GoldenError(f"{path} has sha256 {got[:12]}..., but the golden files "
+                                  f"were made from {sha256[:12]}...")
+            return hub.converted_checkpoint(path, variant)  # once; needs torch
+
+        verdict = check_golden(variant, args.golden, weights, args.matmul_precision)
+        return 0 if verdict.passed else 1
     from segface_jax.convert import run_parity
 
     def fetch(variant: Variant) -> Path | None:  # the hub, or None (said) when unreachable
@@ -44,8 +75,10 @@ def _parity(args: argparse.Namespace) -> int:
                   "checkpoint with RANDOM weights instead")
         return None
 
-    run_parity(get_variant(args.variant), args.weights, args.image, args.out, fetch)
-    return 0
+    verdict = run_parity(get_variant(args.variant), args.weights, args.image, args.out, fetch,
+                         referee=args.referee, matmul_precision=args.matmul_precision,
+                         save_golden=args.save_golden)
+    return 0 if verdict.passed else 1
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -123,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="release model_299.pt (default: the hub, else seeded random)")
     q.add_argument("--image", help="face photo (default: scikit-image's astronaut)")
     q.add_argument("--out", help="overlay PNG path (default: parity_<variant>.png)")
+    q.add_argument("--referee", choices=("float32", "float64"),
+                   help="what decides the verdict: torch float32, or a float64 run of it that "
+                   "both are compared with (default: float64 for LaPa, float32 otherwise)")
+    q.add_argument("--matmul-precision", choices=("highest", "default", "tf32"),
+                   default="highest", help="JAX matmul precision (GPU/TPU: 'default' and "
+                   "'tf32' trade accuracy for speed; CPU is always full float32)")
+    q.add_argument("--save-golden", metavar="DIR", help="also store the input and the "
+                   "reference's logits and stage outputs in DIR, to re-check without torch")
+    q.add_argument("--golden", metavar="DIR", help="re-check against golden files saved with "
+                   "--save-golden (no torch needed); --weights: the converted checkpoint, "
+                   "default the cache's conversion of the file they were made from")
     q.set_defaults(func=_parity)
 
     r = sub.add_parser("predict", help="parse faces in images, folders or globs",
@@ -248,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the train extra is not installed
         pass
     try:
-        from segface_jax.convert import ConversionError
-        known += (ConversionError,)
+        from segface_jax.convert import ConversionError, GoldenError
+        known += (ConversionError, GoldenError)
     except ImportError:  # torch not installed: only the torch-free commands can run
         pass
     try:

@@ -129,6 +129,12 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     return out
 
 
+def cached_conversion(sha256: str, variant: Variant) -> Path | None:
+    """The cache's conversion of the release file with this sha256, if there is one."""
+    out = cache_dir() / "converted" / f"{sha256}-{variant.name}"
+    return out if is_converted(out) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """A variant and the converted checkpoint holding its weights, resolved once at the edge."""

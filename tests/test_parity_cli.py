@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,26 +42,110 @@ def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypat
         net = re.search(r"network alone on the same aligned input: relative = ([0-9.e+-]+)", text)
         rel = float(net.group(1))
     assert rel <= 2e-5 and agree >= 99.99  # the parity bar of tests/test_parity_native.py
+    verdict = text.strip().splitlines()[-1]
+    assert verdict.startswith("PASS: ") and "matmul precision highest" in verdict, verdict
+    if variant == "swinb_lapa_224":  # LaPa's default referee is a float64 run of torch
+        ours, torch32 = map(float, re.search(r"float64 referee: ours ([0-9.e+-]+) relative, "
+                                             r"torch float32 ([0-9.e+-]+)", text).groups())
+        assert ours <= 1.5 * torch32 and "as far from float64 as torch float32" in verdict
     assert "labelled: random weights" in text
-    overlay = np.asarray(Image.open(out))
-    assert overlay.shape == (224, 448, 3)
+    overlay = np.asarray(Image.open(out))  # image, JAX, reference, disagreement; legend below
+    assert overlay.shape[1:] == (4 * 224, 3) and overlay.shape[0] > 224 + 2 * 14
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_parity_with_release_file_and_user_image(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def user_image_run(tmp_path_factory):
+    """``parity`` on a grayscale user image with a release file, saving golden files:
+    (exit status, stdout, overlay path, golden directory)."""
+    tmp = tmp_path_factory.mktemp("parity")
     rgb, _, _ = sample_face(300)
-    image = tmp_path / "face.png"
+    image = tmp / "face.png"
     Image.fromarray(rgb).convert("L").save(image)  # grayscale input is converted to RGB
-    out = tmp_path / "o.png"
-    rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
-               str(release.release_file("convnext_celeba")), "--image", str(image),
-               "--out", str(out)])
-    text = capsys.readouterr().out
+    out, golden = tmp / "o.png", tmp / "golden"
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
+                   str(release.release_file("convnext_celeba")), "--image", str(image),
+                   "--out", str(out), "--save-golden", str(golden)])
+    return rc, text.getvalue(), out, golden
+
+
+def test_parity_with_release_file_and_user_image(user_image_run):
+    rc, text, out, golden = user_image_run
     assert rc == 0, text
     assert "hub unreachable" not in text and "random weights" not in text
     rel, agree = _figures(text)
     assert rel <= 2e-5 and agree >= 99.99
-    assert Image.open(out).size == (1024, 512)
+    assert "every stage within its share of the bar" in text
+    assert text.strip().splitlines()[-1].startswith("PASS: relative")
+    width, height = Image.open(out).size
+    assert width == 4 * 512 and height > 512
+    assert {p.name for p in golden.iterdir()} == {"convnext_celeba_512.json",
+                                                  "convnext_celeba_512.npz"}
+
+
+# The CLI with torch, torchvision and segment-anything unimportable, as on a TPU VM without them.
+_NO_TORCH = ("import sys; sys.modules.update(torch=None, torchvision=None, segment_anything=None);"
+             " from segface_jax.cli import main; raise SystemExit(main(sys.argv[1:]))")
+
+
+def test_golden_files_recheck_without_torch(user_image_run):
+    """The golden files re-check in a process that cannot import torch: the same verdict and
+    stage table, the weights found in the cache by the release file's sha256."""
+    golden = user_image_run[3]
+    release.converted("convnext_celeba_512")  # the cache entry a user's earlier run left
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "parity", "--variant",
+                           "convnext_celeba_512", "--golden", str(golden)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("PASS: relative") and "every stage within" in proc.stdout
+    assert "torch" in lines[0] and "made" in lines[0]  # the versions that made them
+
+
+def test_golden_files_from_another_variant_or_modified_are_refused(user_image_run, tmp_path,
+                                                                   capsys):
+    golden = user_image_run[3]
+    other = tmp_path / "renamed"
+    other.mkdir()
+    for suffix in (".json", ".npz"):
+        shutil.copy(golden / f"convnext_celeba_512{suffix}", other / f"resnet_celeba_512{suffix}")
+    assert main(["parity", "--variant", "resnet_celeba_512", "--golden", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was saved for 'convnext_celeba_512', not resnet_celeba_512" in err, err
+
+    edited = tmp_path / "edited"
+    shutil.copytree(golden, edited)
+    with np.load(edited / "convnext_celeba_512.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["images"][0, 0, 0, 0] += 1.0
+    np.savez_compressed(edited / "convnext_celeba_512.npz", **arrays)
+    assert main(["parity", "--variant", "convnext_celeba_512", "--golden", str(edited)]) == 2
+    assert "modified or truncated" in capsys.readouterr().err
+
+    assert main(["parity", "--variant", "swinb_celeba_224", "--golden", str(golden)]) == 2
+    assert "no golden files for swinb_celeba_224" in capsys.readouterr().err
+    wrong = str(release.converted("swinb_celeba_224"))  # other weights than the golden files'
+    assert main(["parity", "--variant", "convnext_celeba_512", "--golden", str(golden),
+                 "--weights", wrong]) == 2
+    err = capsys.readouterr().err
+    assert "but the golden files were made from" in err and "Traceback" not in err
+
+
+def test_parity_fails_with_exit_status_1_above_the_bar(tmp_path, capsys, monkeypatch):
+    """A reference 0.1% off (every stage scaled: the argmax stays) is above the 2e-5 bar: FAIL,
+    the figure that missed it, the first stage off, and exit status 1 for a user's CI."""
+    from segface_jax.convert import parity
+
+    torch_stages = parity.torch_stages
+    monkeypatch.setattr(parity, "torch_stages", lambda *a: {
+        k: v * 1.001 for k, v in torch_stages(*a).items()})
+    rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
+               str(release.release_file("convnext_celeba")), "--out", str(tmp_path / "o.png")])
+    text = capsys.readouterr().out
+    verdict = text.strip().splitlines()[-1]
+    assert rc == 1 and re.match(r"FAIL: relative (9\.99e-04|1\.00e-03) > 2e-05", verdict), verdict
+    assert "first stage over its share of the bar: encoder tap 1" in text
 
 
 def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys):
