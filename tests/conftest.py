@@ -58,7 +58,7 @@ class _TestModule(pytest.Module):
 def _free_memory_after_each_module():
     """After a module: drop JAX's compiled executables, collect cycles and hand the C heap's
     free pages back, so that one pytest process does not grow by every full-size model it has
-    compiled (two run side by side, see below)."""
+    compiled."""
     yield
     jax.clear_caches()
     gc.collect()
@@ -72,23 +72,3 @@ def pytest_pycollect_makemodule(module_path, parent):
     """Collect every test module through ``_TestModule``."""
     return _TestModule.from_parent(parent, path=module_path)
 
-
-# The README's test command runs two xdist workers (``-n 2 --dist loadgroup``): one pytest
-# process alone keeps one of the two cores busy (XLA compiles on one thread). Every file is
-# pinned to one of two groups of about equal measured time, so the split is the same on every
-# run and each worker builds only its own shared artefacts (the seeded release checkpoints
-# and their conversions, in ``tests/release.py``, are built by the first group; the second
-# converts one). Without ``-n`` the marks change nothing.
-_FULL_SIZE_GROUP = {
-    "test_api.py", "test_converter.py", "test_convert_backbone.py", "test_data.py",
-    "test_export.py", "test_modules.py", "test_modules_swinv2_and_cnns.py",
-    "test_parity_cli.py", "test_parity_native.py", "test_parser.py", "test_predict_cli.py",
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
-def pytest_collection_modifyitems(config, items):
-    """Mark every test with its file's xdist group, "full_size" or "training"."""
-    for item in items:
-        group = "full_size" if item.path.name in _FULL_SIZE_GROUP else "training"
-        item.add_marker(pytest.mark.xdist_group(group))

