@@ -101,9 +101,13 @@ class _FaceDecoder(nn.Module):
             nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2), nn.GELU())
         self.output_hypernetwork_mlps = MLP(dim, dim, dim // 8, 3)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor) -> torch.Tensor:
+    def tokens(self, batch: int) -> torch.Tensor:
+        """(batch, T, C) class tokens in class order."""
         tokens = torch.cat([getattr(self, f"{n}_token").weight for n in self.class_names])
-        tokens = tokens.unsqueeze(0).expand(image.shape[0], -1, -1)
+        return tokens.unsqueeze(0).expand(batch, -1, -1)
+
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(image.shape[0])
         b, c, h, w = image.shape
         hs, src = self.transformer(image, image_pe.expand(b, -1, -1, -1), tokens)
         up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
@@ -152,13 +156,16 @@ class SegFaceReference(nn.Module):
                                 (torch.arange(w).to(gaussian) + 0.5) / w, indexing="ij")
         return self.pe_layer._pe_encoding(torch.stack([xx, yy], -1)).permute(2, 0, 1)
 
-    def parse(self, x: torch.Tensor) -> torch.Tensor:
-        """The network without alignment: NCHW image -> NCHW logits."""
-        feats = self.features(x)
+    def fuse(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The multi-scale MLP fusion of the four maps, at the first map's size."""
         size = feats[0].shape[-2:]
         maps = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
                 for p, f in zip(self.linear_c, feats, strict=True)]
-        fused = self.linear_fuse(torch.cat(maps[::-1], dim=1))
+        return self.linear_fuse(torch.cat(maps[::-1], dim=1))
+
+    def parse(self, x: torch.Tensor) -> torch.Tensor:
+        """The network without alignment: NCHW image -> NCHW logits."""
+        fused = self.fuse(self.features(x))
         pe = self._positional_encoding(*fused.shape[-2:]).unsqueeze(0)
         return self.face_decoder(fused, pe)
 
@@ -179,14 +186,10 @@ class SegFaceReference(nn.Module):
             out["aligned input"] = x
         feats = self.features(x)
         out.update({f"encoder tap {i + 1}": f for i, f in enumerate(feats)})
-        size = feats[0].shape[-2:]
-        maps = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
-                for p, f in zip(self.linear_c, feats, strict=True)]
-        fused = out["fused features"] = self.linear_fuse(torch.cat(maps[::-1], dim=1))
+        fused = out["fused features"] = self.fuse(feats)
         pe = self._positional_encoding(*fused.shape[-2:]).unsqueeze(0)
         decoder = self.face_decoder
-        tokens = torch.cat([getattr(decoder, f"{n}_token").weight for n in decoder.class_names])
-        hs, _ = decoder.transformer(fused, pe, tokens.unsqueeze(0).expand(x.shape[0], -1, -1))
+        hs, _ = decoder.transformer(fused, pe, decoder.tokens(x.shape[0]))
         out["class tokens after the transformer"] = hs
         logits = out["logits"] = decoder(fused, pe)
         if self.align:

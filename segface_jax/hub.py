@@ -101,8 +101,7 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     if not pt_file.is_file():
         raise CheckpointError(f"{pt_file}: no such file; pass a release model_299.pt or a "
                               "directory written by `segface-jax convert`")
-    digest = sha256_file(pt_file)
-    out = cache_dir() / "converted" / f"{digest}-{variant.name}"
+    out = _cache_entry(sha256_file(pt_file), variant)
     if is_converted(out) and not replace:
         return out
     try:
@@ -129,9 +128,14 @@ def converted_checkpoint(pt_file: str | os.PathLike, variant: Variant,
     return out
 
 
+def _cache_entry(sha256: str, variant: Variant) -> Path:
+    """Where the conversion of the release file with this sha256 lives in the cache."""
+    return cache_dir() / "converted" / f"{sha256}-{variant.name}"
+
+
 def cached_conversion(sha256: str, variant: Variant) -> Path | None:
     """The cache's conversion of the release file with this sha256, if there is one."""
-    out = cache_dir() / "converted" / f"{sha256}-{variant.name}"
+    out = _cache_entry(sha256, variant)
     return out if is_converted(out) else None
 
 
