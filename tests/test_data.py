@@ -367,12 +367,18 @@ def test_eval_prints_its_metrics_when_the_reports_cannot_be_written(roots, tmp_p
 
 def test_eval_batches_with_workers_leave_no_shared_memory_behind(roots):
     """grain's workers hand batches over in shared memory; every block must be unlinked before
-    the process exits (else Python's resource tracker warns of leaked shared_memory objects)."""
+    the process exits (else Python's resource tracker warns of leaked shared_memory objects).
+    grain unlinks on a background thread: slowed down here (as on a loaded machine, where this
+    leaked), the iterator must still wait for it."""
     import subprocess
     import sys
 
-    code = ("import sys\n"
+    code = ("import sys, time\n"
             "from absl import flags\n"
+            "from grain._src.python.ipc import shared_memory_array as sma\n"
+            "unlink = sma.SharedMemoryArray.close_shm_async.__func__\n"
+            "sma.SharedMemoryArray.close_shm_async = classmethod(\n"
+            "    lambda cls, shm, u: (time.sleep(0.3), unlink(cls, shm, u)))\n"
             "from segface_jax.train import data, pipeline\n"
             "flags.FLAGS.mark_as_parsed()\n"
             "src = data.open_source('celebamask_hq', sys.argv[1], 'test')\n"

@@ -207,10 +207,26 @@ def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
             # Python's resource tracker would warn of leaked shared_memory objects).
             batch = None  # noqa: F841  (the last batch: drop it before collecting)
             gc.collect()
+            await_shared_memory_release()
         for _ in range(steps - done):
             yield _pad(None, batch_size, resolution)
 
     return steps, padded()
+
+
+def await_shared_memory_release() -> None:
+    """Wait until every freed shared-memory batch of grain's workers is unlinked.
+
+    grain's multiprocess prefetch frees a batch's shared memory on a background thread (one
+    thread, tasks in order); a process that exits before that thread is done leaves the blocks
+    in /dev/shm (and Python's resource tracker warns of leaked shared_memory objects). A no-op
+    queued behind those deletions returns when they are all done.
+    """
+    from grain._src.python.ipc import shared_memory_array
+
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
 
 
 @dataclasses.dataclass(frozen=True)
