@@ -207,10 +207,12 @@ class SegFaceReference(nn.Module):
         return F.grid_sample(logits, grid, mode="bilinear", align_corners=False)
 
 
-def build_reference(variant: Variant, encoder: nn.Module | None = None) -> SegFaceReference:
+def build_reference(variant: Variant, encoder: nn.Module | None = None,
+                    taps: Sequence[int] | None = None) -> SegFaceReference:
     """The PyTorch reference of a released variant (optionally with a small torchvision encoder
-    of the same family, for fast tests)."""
-    builder, kind, taps, dims = _BACKBONES[variant.backbone]
+    of the same family, and its own tapped indices if it is shallower, for fast tests)."""
+    builder, kind, released_taps, dims = _BACKBONES[variant.backbone]
+    taps = released_taps if taps is None else tuple(taps)
     model = builder(weights=None) if encoder is None else encoder
     backbone = (model.features if kind == "features"
                 else nn.Sequential(*list(model.children())[:-1]))

@@ -14,6 +14,8 @@ from torch import nn
 from torchvision.models import convnext, efficientnet, mobilenetv3, resnet
 from torchvision.models import swin_transformer as tv_swin
 
+from segface_jax.convert import reference
+from segface_jax.convert.reference import SegFaceReference
 from segface_jax.models.convnext import ConvNeXtConfig
 from segface_jax.models.efficientnet_v2 import EfficientNetV2Config
 from segface_jax.models.mobilenet_v3 import MobileNetV3Config
@@ -37,6 +39,17 @@ _EFFNET_STAGES = ((True, 1, 3, 1, 16, 16, 1), (True, 4, 3, 2, 16, 24, 1),
                   (False, 6, 3, 1, 64, 80, 1))
 _EFFNET_LAST = 128
 
+# MobileNetV3-Large cut to seven inverted residuals (in, kernel, expanded, out, SE, activation,
+# stride), one per kind the full network has: without expansion, ReLU and hard-swish, 3x3 and
+# 5x5, with and without squeeze-excitation, strided and residual; tapped at strides 4 to 32
+# like features[3, 6, 12, 16] (the last tap is the final 1x1 convolution).
+_MOBILENET_BLOCKS = ((16, 3, 16, 16, False, "relu", 1), (16, 3, 64, 24, False, "relu", 2),
+                     (24, 5, 72, 40, True, "relu", 2), (40, 3, 240, 80, False, "hardswish", 2),
+                     (80, 3, 480, 112, True, "hardswish", 1),
+                     (112, 5, 672, 160, True, "hardswish", 2),
+                     (160, 5, 960, 160, True, "hardswish", 1))
+_MOBILENET_TAPS = (2, 3, 5, 8)
+
 
 def _swin_config(version: int) -> SwinConfig:
     # two blocks a stage, so every stage has an unshifted and a shifted block
@@ -52,7 +65,7 @@ def jax_config(family: str):
         "swin_v2_b": lambda: _swin_config(2),
         "convnext_base": lambda: ConvNeXtConfig(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1),
                                                 stochastic_depth_prob=0.0),
-        "mobilenet_v3_large": MobileNetV3Config.large,  # already small (5M parameters)
+        "mobilenet_v3_large": lambda: MobileNetV3Config(_MOBILENET_BLOCKS, _MOBILENET_TAPS),
         "efficientnet_v2_m": lambda: EfficientNetV2Config(_EFFNET_STAGES, _EFFNET_LAST,
                                                           stochastic_depth_prob=0.0),
         "resnet101": lambda: ResNetConfig(depths=(1, 1, 1, 1)),
@@ -74,8 +87,10 @@ def torch_encoder(family: str) -> nn.Module:
                   zip(cfg.dims, (*cfg.dims[1:], None), cfg.depths)]
         return convnext.ConvNeXt(stages, stochastic_depth_prob=0.0)
     if family == "mobilenet_v3_large":
-        setting, last = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_large")
-        return mobilenetv3.MobileNetV3(setting, last)
+        setting = [mobilenetv3.InvertedResidualConfig(i, k, e, o, se, "HS" if act == "hardswish"
+                                                      else "RE", s, 1, 1.0)
+                   for i, k, e, o, se, act, s in _MOBILENET_BLOCKS]
+        return mobilenetv3.MobileNetV3(setting, last_channel=1280)
     if family == "efficientnet_v2_m":
         setting = [(efficientnet.FusedMBConvConfig(e, k, s, i, o, n) if fused else
                     efficientnet.MBConvConfig(e, k, s, i, o, n))
@@ -86,6 +101,12 @@ def torch_encoder(family: str) -> nn.Module:
     if family == "resnet101":
         return resnet.ResNet(resnet.Bottleneck, list(jax_config(family).depths))
     raise KeyError(family)
+
+
+def torch_reference(variant, family: str) -> SegFaceReference:
+    """``variant``'s PyTorch reference around ``torch_encoder(family)``, tapped like ours."""
+    taps = jax_config(family).taps if family == "mobilenet_v3_large" else None
+    return reference.build_reference(variant, torch_encoder(family), taps)
 
 
 def no_stochastic_depth(model: nn.Module) -> nn.Module:

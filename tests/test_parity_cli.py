@@ -17,7 +17,9 @@ from segface_jax.cli import main
 from segface_jax.examples import sample_face
 from tests import release
 
-pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+# The fast tier leaves this file out (README, "Tests"); under xdist its tests stay on one worker,
+# which runs the module's ``parity`` once and compiles its full-size models once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("parity_cli")]
 
 
 def _figures(text: str) -> tuple[float, float]:

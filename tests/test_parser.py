@@ -28,6 +28,9 @@ from segface_jax.variants import HUB_REPO, UnknownVariantError, get_variant
 from tests import release
 from tests.test_inputs import FIVE, _68_points, _106_points
 
+# Under xdist the module stays on one worker: its parsers compile full-size models once.
+pytestmark = pytest.mark.xdist_group("parser")
+
 
 @pytest.fixture(scope="module")
 def celeba():

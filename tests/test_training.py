@@ -1,9 +1,9 @@
-"""Training: stochastic depth, the loss, torch's AdamW, and one step against PyTorch."""
+"""Training: stochastic depth, the loss, torch's AdamW, sharding, overfitting and bfloat16.
+
+One step of every encoder family against PyTorch is in test_training_families.py.
+"""
 
 from __future__ import annotations
-
-import copy
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
-from segface_jax.checkpoint import abstract_model, fill_module, flat_state
+from segface_jax.checkpoint import abstract_model, fill_module
 from segface_jax.convert import reference
 from segface_jax.convert.converter import convert_state_dict
 from segface_jax.models import SegFace, SegFaceConfig
@@ -22,7 +22,7 @@ from segface_jax.models.layers import set_training
 from segface_jax.models.swin import SwinConfig
 from segface_jax.train import losses, optim, step
 from segface_jax.variants import get_variant
-from tests.helpers import gradient_errors, torch_segface_loss, torch_train_step
+from tests.helpers import torch_segface_loss
 
 pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
 
@@ -33,7 +33,27 @@ def _one_device_mesh() -> jax.sharding.Mesh:
 
 
 SMALL_SWIN = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2),
-                        stochastic_depth_prob=0.0)
+                        stochastic_depth_prob=0.0)  # reference.small_swin()'s
+# Two blocks a stage (unshifted and shifted), one head of width 16: the smallest Swin SegFace
+# that keeps every kind of layer, for tests whose claim is about the step, not the encoder.
+TINY_SWIN = SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1),
+                       stochastic_depth_prob=0.0)
+
+
+def _tiny_segface(classes: tuple[str, ...], dtype=None) -> SegFace:
+    return SegFace(SegFaceConfig("swin_b", classes, False, TINY_SWIN), dtype=dtype,
+                   rngs=nnx.Rngs(0))
+
+
+def _randomised_small_swin(seed: int) -> SegFace:
+    """A small Swin SegFace with every parameter random (no zero-initialised biases, whose
+    relative differences would be meaningless), through the converter from torch."""
+    v = get_variant("swinb_celeba_512")
+    torch.manual_seed(seed)
+    ref = reference.randomize(reference.build_reference(v, reference.small_swin()), seed)
+    cfg = SegFaceConfig(v.backbone, v.classes, False, SMALL_SWIN)
+    params, _, _ = convert_state_dict({k: t.numpy() for k, t in ref.state_dict().items()}, v, cfg)
+    return fill_module(abstract_model(cfg), params)
 
 
 @pytest.mark.parametrize("arch", ["swin_b", "swin_v2_b", "convnext_base", "efficientnet_v2_m"])
@@ -115,97 +135,6 @@ def test_adamw_and_multistep_match_torch():
     assert [float(lr(k)) for k in range(6)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
 
 
-def _reference_pair(seed: int = 0):
-    v = get_variant("swinb_celeba_512")
-    torch.manual_seed(seed)
-    encoder = reference.small_swin()
-    ref = reference.randomize(reference.build_reference(v, encoder), seed)
-    cfg = SegFaceConfig(v.backbone, v.classes, False, SMALL_SWIN)
-    # copies: torch's optimizer later updates ``ref`` in place, which must not reach the JAX
-    # model through shared memory
-    params, _, _ = convert_state_dict({k: t.numpy().copy() for k, t in ref.state_dict().items()},
-                                      v, cfg)
-    return v, cfg, ref, fill_module(abstract_model(cfg), params)
-
-
-def _to_jax_names(v, cfg, tensors: dict[str, torch.Tensor], buffers: dict) -> dict:
-    # torch-keyed values (grads or parameters) -> JAX-keyed arrays through the converter's rules
-    state = {k: t.detach().numpy() for k, t in {**buffers, **tensors}.items()}
-    return convert_state_dict(state, v, cfg)[0]
-
-
-def test_one_training_step_matches_torch():
-    """Loss, gradients and the AdamW update of one step, small Swin SegFace, batch 2, 64 px.
-
-    Loss: 2e-6 relative (float32 sums over 8192 pixels). Gradients: against a float64 run of
-    the same torch model, tensor by tensor, our distance (relative to the tensor's scale) must
-    be within 2x torch float32's distance on that same tensor, + 1e-6 (8 float32 ulps: where
-    torch's rounding happens to be lucky-small, the bar stays at float32 resolution). Measured
-    on an AVX2 EPYC: largest ours 5.9e-6, torch 6.5e-6; the tightest tensor (a LayerNorm scale)
-    at 1.6e-6 against torch's 7.8e-7. The update is checked below.
-    """
-    v, cfg, ref, model = _reference_pair()
-    for m in ref.modules():  # this small torchvision Swin defaults to stochastic depth 0.1
-        if isinstance(m, __import__("torchvision").ops.StochasticDepth):
-            m.p = 0.0
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    labels = rng.integers(0, 19, (2, 64, 64)).astype(np.uint8)
-    buffers = {k: b for k, b in ref.named_buffers()}
-    loss64, grads64, _, _ = torch_train_step(copy.deepcopy(ref), images, labels, 19,
-                                             torch.float64)
-    loss32, grads32, new32, _ = torch_train_step(ref, images, labels, 19, torch.float32)
-
-    tx = optim.adamw(1e-4, 1e-5)
-    graphdef, state = step.init_state(model, tx)
-    train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
-                                 needs_landmarks=False)
-    batch = {"image": images, "label": labels, "landmarks": np.zeros((2, 5, 2), np.float32)}
-    before = {k: np.asarray(a) for k, a in flat_state(nnx.merge(graphdef, state["params"],
-                                                                state["rest"])).items()}
-    state, metrics = train(state, batch)
-    assert float(metrics["loss"]) == pytest.approx(loss32, rel=2e-6)
-
-    g64 = _to_jax_names(v, cfg, grads64, buffers)
-    g32 = _to_jax_names(v, cfg, grads32, buffers)
-    # our gradients: recompute with the same core (the step donated its input state)
-    graphdef2, state2 = step.init_state(_reference_pair()[3], tx)
-    _, _, _, grads = step.loss_and_grads(graphdef2, state2, {k: jnp.asarray(b) for k, b in
-                                                             batch.items()}, None, False)
-    ours = {".".join(map(str, k)): np.asarray(v_.get_value())
-            for k, v_ in nnx.to_flat_state(grads)}
-    # Gradients that are zero in exact arithmetic stay at noise level (1e-5 of the largest
-    # gradient); every other tensor is held to torch's float32-vs-float64 gap on that tensor.
-    errors, zero_noise = gradient_errors(ours, g32, g64)
-    worst = max(o for o, _ in errors.values())
-    torch_noise = max(t for _, t in errors.values())
-    print(f"\ngradients vs torch float64: ours {worst:.2e}, torch float32 {torch_noise:.2e}")
-    assert set(ours) <= set(g64) and zero_noise <= 1e-5
-    over = {k: e for k, e in errors.items() if e[0] > 2 * e[1] + 1e-6}
-    assert not over, over
-
-    # The update: our new parameters against torch's float32 step. Adam's first step moves a
-    # weight by lr * g / (|g| + eps) (plus lr * wd * p): where |g| >> eps both move by ~lr and
-    # must agree to a few float32 ulps of |p| (bound 1e-6). Near g = 0 the move is
-    # lr * g / eps: float32 gradient noise (bounded above) decides it, in torch as in ours, so
-    # those weights are only held to the step size.
-    after = {".".join(map(str, k)): np.asarray(v_.get_value())
-             for k, v_ in nnx.to_flat_state(state["params"])}
-    new = _to_jax_names(v, cfg, new32, buffers)
-    lr, eps = 1e-4, 1e-8
-    moved = max(np.abs(after[k] - before[k]).max() for k in after)
-    strong_off, strong_count, total = 0.0, 0, 0
-    for k in after:
-        strong = np.minimum(np.abs(ours[k]), np.abs(g32[k])) > 100 * eps
-        strong_count, total = strong_count + int(strong.sum()), total + strong.size
-        if strong.any():
-            strong_off = max(strong_off, float(np.abs(after[k] - new[k])[strong].max()))
-    print(f"update: largest move {moved:.2e}; where |g| > 1e-6 ({100 * strong_count / total:.1f}%"
-          f" of weights) largest difference from torch {strong_off:.2e}")
-    assert moved <= lr * 1.001 and strong_count >= 0.85 * total  # measured 89.8%
-    assert strong_off <= 1e-6
-
-
 def test_same_step_on_one_and_eight_devices():
     """Two sharded steps on 8 host devices against the same steps on one device.
 
@@ -213,13 +142,15 @@ def test_same_step_on_one_and_eight_devices():
     sums). Adam with eps 1e-8 turns gradients that are reduction noise around zero into
     full +-lr moves, which says nothing about the sharding; this test uses eps = 1e-3, where
     the update is a smooth function of the gradient, and then holds every weight to 1e-6 of
-    its tensor's scale and the losses to 1e-6.
+    its tensor's scale plus lr and the losses to 1e-6. The model is random throughout: a
+    freshly initialised one (zero biases, ReLUs near their kink) turns the reordered sums into
+    2e-6 (measured), the conditioning of those weights rather than anything about sharding.
     """
     assert jax.device_count() == 8
-    _, cfg, _, model = _reference_pair(1)
+    model = _randomised_small_swin(1)
     rng = np.random.default_rng(1)
-    batch = {"image": rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
-             "label": rng.integers(0, 19, (8, 64, 64)).astype(np.uint8),
+    batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 19, (8, 32, 32)).astype(np.uint8),
              "landmarks": np.zeros((8, 5, 2), np.float32)}
     lr, steps = 1e-3, 2
     results, losses_seen = [], []
@@ -238,16 +169,14 @@ def test_same_step_on_one_and_eight_devices():
                         for k, v_ in nnx.to_flat_state(state["params"])})
     np.testing.assert_allclose(losses_seen[1], losses_seen[0], rtol=1e-6)
     one, eight = results
-    worst = max(np.abs(one[k] - eight[k]).max() / (np.abs(one[k]).max() + 1e-12) for k in one)
+    worst = max(np.abs(one[k] - eight[k]).max() / (np.abs(one[k]).max() + lr) for k in one)
     print(f"\n1 vs 8 devices: largest difference {worst:.2e} of the tensor's scale")
-    assert worst <= 1e-6  # measured 1.1e-7
+    assert worst <= 1e-6
 
 
 def test_tiny_model_overfits_four_images():
     """A tiny SegFace learns four synthetic images: the loss falls by at least 90%."""
-    cfg = SegFaceConfig("swin_b", ("background", "a", "b"), False,
-                        dataclasses.replace(SMALL_SWIN, embed_dim=16, num_heads=(1, 1, 1, 1)))
-    model = SegFace(cfg, rngs=nnx.Rngs(0))
+    model = _tiny_segface(("background", "a", "b"))
     rng = np.random.default_rng(0)
     labels = np.zeros((4, 32, 32), np.uint8)
     for i in range(4):
@@ -271,14 +200,13 @@ def test_tiny_model_overfits_four_images():
 
 def test_bfloat16_compute_keeps_float32_parameters():
     """bfloat16 compute: parameters and optimizer state stay float32, the loss stays close."""
-    _, cfg, _, _ = _reference_pair()
     rng = np.random.default_rng(2)
-    batch = {"image": rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8),
-             "label": rng.integers(0, 19, (2, 64, 64)).astype(np.uint8),
+    batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 19, (2, 32, 32)).astype(np.uint8),
              "landmarks": np.zeros((2, 5, 2), np.float32)}
     losses_seen = []
     for dtype in (None, jnp.bfloat16):
-        model = SegFace(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+        model = _tiny_segface(get_variant("swinb_celeba_512").classes, dtype)
         tx = optim.adamw(1e-4, 1e-5)
         graphdef, state = step.init_state(model, tx)
         train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
@@ -290,31 +218,3 @@ def test_bfloat16_compute_keeps_float32_parameters():
                 if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype("float32")}
     # bfloat16's 8-bit mantissa over ~20 layers: the loss moves by well under 1%
     assert losses_seen[1] == pytest.approx(losses_seen[0], rel=1e-2)
-
-
-def test_step_updates_batchnorm_statistics():
-    """BatchNorm models (MobileNet, EfficientNet, ResNet) train with batch statistics and
-    update their running averages inside the jitted, differentiated step."""
-    from segface_jax.models.resnet import ResNetConfig
-
-    cfg = SegFaceConfig("resnet101", ("background", "a", "b"), False,
-                        ResNetConfig(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64)))
-    model = SegFace(cfg, rngs=nnx.Rngs(0))
-    before = {k: np.asarray(v) for k, v in flat_state(model).items() if k.endswith((".mean",
-                                                                                     ".var"))}
-    assert before
-    rng = np.random.default_rng(3)
-    batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
-             "label": rng.integers(0, 3, (2, 32, 32)).astype(np.uint8),
-             "landmarks": np.zeros((2, 5, 2), np.float32)}
-    tx = optim.adamw(1e-3, 1e-5)
-    graphdef, state = step.init_state(model, tx)
-    train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
-                                 needs_landmarks=False)
-    state, metrics = train(state, batch)
-    assert np.isfinite(float(metrics["loss"]))
-    after = {k: np.asarray(v) for k, v in flat_state(nnx.merge(graphdef, state["params"],
-                                                                 state["rest"])).items()
-             if k in before}
-    assert all(np.isfinite(v).all() for v in after.values())
-    assert all(not np.array_equal(after[k], before[k]) for k in before)  # every BN moved
