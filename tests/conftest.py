@@ -21,6 +21,7 @@ def _pin_xdist_worker() -> int | None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < count:
         return None
+    os.environ["SEGFACE_TESTS_ALL_CORES"] = ",".join(map(str, cores))  # multi-process tests
     mine = cores[int(worker[2:]) % count::count]
     os.sched_setaffinity(0, mine)
     return len(mine)
