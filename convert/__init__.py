@@ -10,8 +10,10 @@ names below and nothing deeper:
   for ``init="imagenet"`` training.
 - ``load_state_dict(path)`` and ``infer_variant(state, requested, path)``: read a ``.pt``
   (``weights_only=True``) and tell which released variant it holds.
-- ``run_parity(...)`` and ``seeded_release(variant, directory)``: the ``parity`` command and the
-  seeded random-weights release file used by demos and tests.
+- ``run_parity(variant, weights, parity_inputs(variant, ...), out)``, ``run_parity_all(...)``
+  (``parity --all``: every variant with local weights, ``parity.md`` and ``parity.json``) and
+  ``seeded_release(variant, directory)``: the ``parity`` command and the seeded random-weights
+  release file used by demos and tests (``ParityError``: nothing to check, conflicting options).
 - ``check_golden(variant, directory, weights)``: ``parity --golden``, which needs no torch
   (``GoldenError``: golden files missing, of another variant or checkpoint, or modified).
 """
@@ -25,8 +27,14 @@ from segface_jax.convert.converter import (
     load_state_dict,
 )
 from segface_jax.convert.golden import GoldenError, check_golden
-from segface_jax.convert.parity import run_parity, seeded_release
+from segface_jax.convert.parity import (
+    ParityError,
+    parity_inputs,
+    run_parity,
+    run_parity_all,
+    seeded_release,
+)
 
-__all__ = ["ConversionError", "ConversionReport", "GoldenError", "check_golden",
+__all__ = ["ConversionError", "ConversionReport", "GoldenError", "ParityError", "check_golden",
            "convert_backbone", "convert_checkpoint", "infer_variant", "load_state_dict",
-           "run_parity", "seeded_release"]
+           "parity_inputs", "run_parity", "run_parity_all", "seeded_release"]

@@ -157,8 +157,8 @@ def check_golden(variant: Variant, directory: str | os.PathLike,
           f"agreement = {100 * result.argmax_agreement:.4f}%")
     stages64 = ({k: arrays[f"float64/{k}"] for k in meta["stages"]}
                 if meta["referee"] == "float64" else None)
-    verdict, text = judge(ours, jax_stages(model.module, x, lm), stages32, stages64,
-                          matmul_precision)
-    print(text)
-    print(verdict.line())
-    return verdict
+    judgement = judge(ours, jax_stages(model.module, x, lm), stages32, stages64,
+                      matmul_precision)
+    print(judgement.text)
+    print(judgement.verdict.line())
+    return judgement.verdict

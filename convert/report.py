@@ -177,26 +177,42 @@ def stage_report(rows: list[StageDelta]) -> str:
         line = (f"  {row.name:<36} {row.max_abs:>11.2e} {row.scale:>9.2e} {row.relative:>9.2e}"
                 + (f" {row.torch_relative:>9.2e}" if f64 else "") + f" {row.allowance:>8.0e}")
         lines.append(line + ("  <- over" if row.over else ""))
-    first = next((row.name for row in rows if row.over), None)
+    first = _first_over(rows)
     lines.append(f"  first stage over its share of the bar: {first}" if first else
                  "  every stage within its share of the bar")
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """``judge``'s answer: the verdict, the report above it and the figures behind them."""
+
+    verdict: Verdict
+    text: str
+    referee_distances: tuple[float, float] | None  # float64 referee: (ours, torch float32)
+    first_stage_over: str | None
+
+
 def judge(ours: np.ndarray, ours_stages: dict[str, np.ndarray], stages32: dict[str, np.ndarray],
-          stages64: dict[str, np.ndarray] | None, precision: str) -> tuple[Verdict, str]:
+          stages64: dict[str, np.ndarray] | None, precision: str) -> Judgement:
     """The verdict on our logits and the report above it (the float64 referee's distances, the
     per-stage table), given the reference's float32 stages and, as referee, its float64 ones."""
     ref32 = list(stages32.values())[-1]
     result = compare(ours, ref32)
     if stages64 is None:
-        return verdict_against_torch(result, precision), (
-            f"per-stage deltas against torch float32:\n"
-            f"{stage_report(stage_deltas(ours_stages, stages32))}")
+        rows = stage_deltas(ours_stages, stages32)
+        return Judgement(verdict_against_torch(result, precision),
+                         f"per-stage deltas against torch float32:\n{stage_report(rows)}", None,
+                         _first_over(rows))
     ref64 = list(stages64.values())[-1]
     ours64, torch64 = compare(ours, ref64), compare(ref32, ref64)
-    return verdict_against_referee(ours64, torch64, result, precision), (
+    rows = stage_deltas(ours_stages, stages64, stages32)
+    return Judgement(
+        verdict_against_referee(ours64, torch64, result, precision),
         f"  float64 referee: ours {ours64.relative:.3e} relative, torch float32 "
         f"{torch64.relative:.3e} relative\nper-stage deltas against torch float64:\n"
-        f"{stage_report(stage_deltas(ours_stages, stages64, stages32))}")
+        f"{stage_report(rows)}", (ours64.relative, torch64.relative), _first_over(rows))
 
+
+def _first_over(rows: list[StageDelta]) -> str | None:
+    return next((row.name for row in rows if row.over), None)

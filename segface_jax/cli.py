@@ -32,15 +32,65 @@ def _convert_backbone(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
+    misuse = ("pass --variant NAME, or --all for every variant whose weights are available"
+              if bool(args.variant) == bool(args.all) else
+              "--image and --images exclude each other" if args.image and args.images else None)
+    if misuse:
+        print(f"segface-jax parity: error: {misuse}", file=sys.stderr)
+        return 2
     if args.golden:  # no torch: the stored reference decides
-        from segface_jax.convert import GoldenError, check_golden
+        return _parity_golden(args)
+    from segface_jax.convert import ParityError, parity_inputs, run_parity, run_parity_all
 
-        if args.image or args.save_golden or args.referee:
-            raise GoldenError("--golden re-checks the stored input and reference: it takes no "
-                             "--image, --save-golden or --referee")
-        variant = get_variant(args.variant)
+    options = dict(referee=args.referee, matmul_precision=args.matmul_precision,
+                   save_golden=args.save_golden)
+    if args.all:
+        if args.weights or args.image:
+            raise ParityError("--all takes --weights-dir (DIR/<variant>/model_299.pt) and "
+                              "--images DIR, not --weights or --image")
+        runs = run_parity_all(list(VARIANTS.values()), args.out or "parity-report",
+                              weights_dir=args.weights_dir, images=args.images,
+                              allow_random_weights=args.allow_random_weights, **options)
+        return 0 if all(run.verdict.passed for run in runs) else 1
+    variant = get_variant(args.variant)
+    inputs = parity_inputs(variant, args.image, args.images)  # a bad image fails first
 
-        def weights(sha256: str) -> Path:  # --weights, else the cache's conversion of the file
+    def fetch(variant: Variant) -> Path | None:  # the hub, or None (said) when unreachable
+        from segface_jax.hub import WeightsUnavailableError, download_release
+
+        try:
+            return download_release(variant)
+        except WeightsUnavailableError as e:
+            print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
+                  "checkpoint with RANDOM weights instead")
+        return None
+
+    run = run_parity(variant, args.weights, inputs, args.out, fetch, **options)
+    return 0 if run.verdict.passed else 1
+
+
+def _parity_golden(args: argparse.Namespace) -> int:
+    """``parity --golden DIR``: one variant, or with ``--all`` every variant saved in DIR."""
+    from segface_jax.convert import GoldenError, check_golden
+
+    if args.image or args.images or args.save_golden or args.referee:
+        raise GoldenError("--golden re-checks the stored input and reference: it takes no "
+                          "--image, --images, --save-golden or --referee")
+    if args.all:
+        variants = [v for v in VARIANTS.values() if (Path(args.golden) / f"{v.name}.json")
+                    .is_file()]
+        if not variants:
+            raise GoldenError(f"no golden files in {args.golden} (<variant>.json and .npz, "
+                              "written by parity --save-golden)")
+        if args.weights:
+            raise GoldenError("--golden DIR --all finds each variant's weights in the cache; "
+                              "check one variant at a time to pass --weights")
+    else:
+        variants = [get_variant(args.variant)]
+    passed = 0
+    for variant in variants:
+
+        def weights(sha256: str, variant=variant) -> Path:  # --weights, else the cache's
             from segface_jax import hub
             from segface_jax.files import sha256_file
 
@@ -61,24 +111,10 @@ def _parity(args: argparse.Namespace) -> int:
                                   f"were made from {sha256[:12]}...")
             return hub.converted_checkpoint(path, variant)  # once; needs torch
 
-        verdict = check_golden(variant, args.golden, weights, args.matmul_precision)
-        return 0 if verdict.passed else 1
-    from segface_jax.convert import run_parity
-
-    def fetch(variant: Variant) -> Path | None:  # the hub, or None (said) when unreachable
-        from segface_jax.hub import WeightsUnavailableError, download_release
-
-        try:
-            return download_release(variant)
-        except WeightsUnavailableError as e:
-            print(f"Hugging Face hub unreachable ({e.reason}); using a seeded release-format "
-                  "checkpoint with RANDOM weights instead")
-        return None
-
-    verdict = run_parity(get_variant(args.variant), args.weights, args.image, args.out, fetch,
-                         referee=args.referee, matmul_precision=args.matmul_precision,
-                         save_golden=args.save_golden)
-    return 0 if verdict.passed else 1
+        passed += check_golden(variant, args.golden, weights, args.matmul_precision).passed
+    if len(variants) > 1:
+        print(f"{passed} of {len(variants)} variants PASS")
+    return 0 if passed == len(variants) else 1
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -152,10 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_convert_backbone)
 
     q = sub.add_parser("parity", help="compare the JAX model with the PyTorch reference")
-    q.add_argument("--variant", required=True, help="released variant name")
+    q.add_argument("--variant", help="released variant name")
+    q.add_argument("--all", action="store_true", help="every variant whose release file is "
+                   "available locally (--weights-dir, the hub cache): overlays, parity.md and "
+                   "parity.json in --out (default: parity-report/)")
     q.add_argument("--weights", help="release model_299.pt (default: the hub, else seeded random)")
-    q.add_argument("--image", help="face photo (default: scikit-image's astronaut)")
-    q.add_argument("--out", help="overlay PNG path (default: parity_<variant>.png)")
+    q.add_argument("--weights-dir", metavar="DIR", help="--all: release files as "
+                   "DIR/<variant>/model_299.pt (the hub's layout) or DIR/<variant>.pt")
+    q.add_argument("--allow-random-weights", action="store_true", help="--all: check the "
+                   "variants without weights on seeded random release-format files")
+    q.add_argument("--image", help="one face picture, taken as an aligned crop")
+    q.add_argument("--images", metavar="DIR", help="every picture in DIR, taken as aligned "
+                   "crops (default: the astronaut, its mirror image and a rotated crop)")
+    q.add_argument("--out", help="overlay PNG path (default: parity_<variant>.png); with --all, "
+                   "the report folder")
     q.add_argument("--referee", choices=("float32", "float64"),
                    help="what decides the verdict: torch float32, or a float64 run of it that "
                    "both are compared with (default: float64 for LaPa, float32 otherwise)")
@@ -292,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the train extra is not installed
         pass
     try:
-        from segface_jax.convert import ConversionError, GoldenError
-        known += (ConversionError, GoldenError)
+        from segface_jax.convert import ConversionError, GoldenError, ParityError
+        known += (ConversionError, GoldenError, ParityError)
     except ImportError:  # torch not installed: only the torch-free commands can run
         pass
     try:

@@ -23,6 +23,37 @@ def sample_face(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rgb, preprocess.normalize(rgb)[None], lm[None].astype(np.float32)
 
 
+def sample_faces(resolution: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Three faces at ``resolution`` with their 5 landmarks, as (name, uint8 RGB, (5, 2)): the
+    astronaut's crop, its mirror image and a crop of the photo rotated by 20 degrees about the
+    face (``parity``'s default input set)."""
+    rgb, _, lm = sample_face(resolution)
+    lm = lm[0]
+    # mirrored: x -> (r - 1) - x with pixel centres at integers, and left and right swapped
+    mirrored = np.stack([resolution - 1 - lm[:, 0], lm[:, 1]], -1)[[1, 0, 2, 4, 3]]
+    return [("astronaut", rgb, lm), ("astronaut, mirrored", rgb[:, ::-1].copy(), mirrored),
+            ("astronaut, rotated 20 degrees", *_rotated_face(resolution, 20.0))]
+
+
+def _rotated_face(resolution: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The photo turned counter-clockwise by ``degrees`` about the face box's centre, then
+    cropped to the box: (uint8 RGB at ``resolution``, the 5 landmarks moved with it)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    turned = np.asarray(Image.fromarray(astronaut()).rotate(
+        degrees, resample=Image.Resampling.BILINEAR, center=(cx, cy)))
+    rgb = preprocess.resize_rgb(turned[y0:y1, x0:x1], resolution)
+    # counter-clockwise on screen (y down): a point at (dx, dy) from the centre goes to
+    # (dx cos t + dy sin t, -dx sin t + dy cos t)
+    t = np.deg2rad(degrees)
+    d = ASTRONAUT_LANDMARKS - np.array([cx, cy], np.float32)
+    moved = np.stack([d[:, 0] * np.cos(t) + d[:, 1] * np.sin(t),
+                      -d[:, 0] * np.sin(t) + d[:, 1] * np.cos(t)], -1) + [cx - x0, cy - y0]
+    return rgb, (moved * resolution / (x1 - x0)).astype(np.float32)
+
+
 def astronaut() -> np.ndarray:
     """scikit-image's astronaut photo, (512, 512, 3) uint8 RGB (needs scikit-image)."""
     try:

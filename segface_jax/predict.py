@@ -28,8 +28,6 @@ from segface_jax.parser import FaceParser, ImageResult, enable_compilation_cache
 from segface_jax.postprocess import class_areas
 from segface_jax.variants import get_variant
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
-                  ".pgm", ".jfif"}
 SAVE_KINDS = ("labels", "overlay", "probs", "json")
 EXAMPLE = "astronaut"  # scikit-image's sample photo, for the README's first command
 
@@ -63,10 +61,10 @@ def collect_inputs(inputs: Sequence[str], out_dir: Path,
             continue
         path = Path(arg)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file()
-                           and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
             if not files:
-                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+                kinds = ", ".join(sorted(preprocess.IMAGE_SUFFIXES))
                 raise InputError(f"{path}: folder holds no images ({kinds})")
             jobs += [Job(str(f), out_dir / path.name / f.relative_to(path).with_suffix(""))
                      for f in files]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -51,8 +52,11 @@ def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypat
                                              r"torch float32 ([0-9.e+-]+)", text).groups())
         assert ours <= 1.5 * torch32 and "as far from float64 as torch float32" in verdict
     assert "labelled: random weights" in text
-    overlay = np.asarray(Image.open(out))  # image, JAX, reference, disagreement; legend below
-    assert overlay.shape[1:] == (4 * 224, 3) and overlay.shape[0] > 224 + 2 * 14
+    for face in ("astronaut", "astronaut, mirrored", "astronaut, rotated 20 degrees"):
+        assert f"  {face}: relative = " in text  # the default faces, each with its figures
+    # a row of image, JAX, reference, disagreement per face; the legend below
+    overlay = np.asarray(Image.open(out))
+    assert overlay.shape[1:] == (4 * 224, 3) and overlay.shape[0] > 3 * 224 + 2 * 14
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -150,7 +154,41 @@ def test_parity_fails_with_exit_status_1_above_the_bar(tmp_path, capsys, monkeyp
     assert "first stage over its share of the bar: encoder tap 1" in text
 
 
-def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys):
+def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run, tmp_path,
+                                                                  capsys, monkeypatch):
+    """``parity --all``: the variants with a release file under --weights-dir (here one, in the
+    hub's layout) run on the --images folder, the rest are listed as without weights;
+    parity.md and parity.json carry the verdict, the figures, the versions and the device."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    weights = tmp_path / "weights" / "convnext_celeba_512"
+    weights.mkdir(parents=True)
+    (weights / "model_299.pt").symlink_to(release.release_file("convnext_celeba"))
+    images = tmp_path / "faces"
+    images.mkdir()
+    shutil.copy(user_image_run[2].parent / "face.png", images / "face.png")
+    (images / "notes.txt").write_text("not an image: left out")
+    report = tmp_path / "report"
+    assert main(["parity", "--all", "--weights-dir", str(tmp_path / "weights"), "--images",
+                 str(images), "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 variants PASS; no weights for " in out and "swinb_lapa_512" in out
+    doc = json.loads((report / "parity.json").read_text())
+    assert {"jax", "jaxlib", "torch", "torchvision"} <= set(doc["versions"]) and doc["device"]
+    (row,) = doc["variants"]
+    assert row["variant"] == "convnext_celeba_512" and row["verdict"] == "PASS"
+    assert row["relative"] <= 2e-5 and list(row["images"]) == ["face.png"]
+    assert row["weights"].endswith("model_299.pt") and len(doc["skipped (no weights)"]) == 13
+    table = (report / "parity.md").read_text()
+    assert "| convnext_celeba_512 | PASS |" in table and "No weights found for:" in table
+    assert (report / "parity_convnext_celeba_512.png").is_file()
+    # the golden files of every variant saved in a folder, re-checked in one go
+    assert main(["parity", "--all", "--golden", str(user_image_run[3])]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: relative")
+
+
+def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert main(["parity", "--variant", "swinb_celeba_224", "--image", str(bad)]) == 2
@@ -158,6 +196,21 @@ def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys):
     assert f"{bad}: not a readable image" in err and "Traceback" not in err
     assert main(["parity", "--variant", "resnet_celeba_1024"]) == 2
     assert "unknown variant" in capsys.readouterr().err
+    assert main(["parity"]) == 2
+    assert "pass --variant NAME, or --all" in capsys.readouterr().err
+    assert main(["parity", "--variant", "swinb_celeba_224", "--image", str(bad), "--images",
+                 str(tmp_path)]) == 2
+    assert "--image and --images exclude each other" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["parity", "--variant", "swinb_celeba_224", "--images",
+                 str(tmp_path / "empty")]) == 2
+    assert "no images in it" in capsys.readouterr().err
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert main(["parity", "--all", "--weights-dir", str(tmp_path), "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "no release files found" in capsys.readouterr().err
 
 
 def test_unreleased_resnet_depth_is_refused(tmp_path, capsys):
