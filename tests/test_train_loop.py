@@ -262,6 +262,13 @@ def get_config():
 '''
 
 
+def _all_cores() -> set[int]:
+    """Every core this session may use, the other xdist workers' too (conftest pins each
+    worker to its share and lists them all)."""
+    listed = os.environ.get("SEGFACE_TESTS_ALL_CORES")
+    return {int(c) for c in listed.split(",")} if listed else os.sched_getaffinity(0)
+
+
 def _run_processes(config: Path, workdir: Path, processes: int, *extra: str) -> list[str]:
     """``segface-jax train`` on 2 CPU devices: one process with both, or 2 processes with one
     each (meeting through jax.distributed on 127.0.0.1, gloo collectives); their stdout."""
@@ -273,9 +280,16 @@ def _run_processes(config: Path, workdir: Path, processes: int, *extra: str) -> 
     env = {**os.environ, "XLA_FLAGS": devices, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     multi = lambda i: (["--num-processes", str(processes), "--process-id", str(i),  # noqa: E731
                         "--coordinator", f"127.0.0.1:{port}"] if processes > 1 else [])
-    procs = [subprocess.Popen(_cli(config, workdir, *multi(i), *extra), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
+    # every run sees all the machine's cores, as a user's would (see the test's docstring):
+    # children inherit the starting thread's affinity, widened for the moment of the start
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, _all_cores())
+    try:
+        procs = [subprocess.Popen(_cli(config, workdir, *multi(i), *extra), env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(processes)]
+    finally:
+        os.sched_setaffinity(0, mine)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -322,7 +336,10 @@ def test_processes_share_the_global_batch_and_resume_on_another_count(tmp_path, 
     gloo), and a sum of two operands does not depend on its order. So the state must agree to
     float32 rounding at most: every tensor within 1e-6 of its scale plus the largest move an
     update makes (lr 1e-3, for entries whose exact gradient is 0); measured: 0, bit for bit,
-    in all three comparisons. (On 1 device instead of 2
+    in all three comparisons, with every process free to use both of this machine's cores.
+    (With all of them confined to one core, as an xdist worker is, the 2-process run ends
+    3.6e-6 from the 1-process one: XLA:CPU then splits its work otherwise; the runs are given
+    all cores.) (On 1 device instead of 2
     the reductions run in another order, and this tiny model's ReLUs in the decoder turn that
     rounding into 5e-7 absolute differences in one tiny-scale bias after 2 steps, 4.5e-4 of its
     scale: test_same_step_on_one_and_eight_devices checks that case on well-conditioned random
