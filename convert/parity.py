@@ -333,16 +333,17 @@ def run_parity_all(variants: list[Variant], out_dir: str | os.PathLike, *,
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "images": images or "astronaut, mirrored, rotated 20 degrees (bundled)",
               "skipped (no weights)": skipped}
-    write_report(out_dir, header, runs)
+    print("\n" + write_report(out_dir, header, runs))
     passed = sum(run.verdict.passed for run in runs)
-    print(f"\n{passed} of {len(runs)} variants PASS"
+    print(f"{passed} of {len(runs)} variants PASS"
           + (f"; no weights for {', '.join(skipped)}" if skipped else "")
           + f"; wrote {out_dir / 'parity.md'} and {out_dir / 'parity.json'}")
     return runs
 
 
-def write_report(out_dir: Path, header: dict[str, Any], runs: list[ParityRun]) -> None:
-    """``parity.json`` (the header and one row per run) and ``parity.md`` (a table)."""
+def write_report(out_dir: Path, header: dict[str, Any], runs: list[ParityRun]) -> str:
+    """Write ``parity.json`` (the header and one row per run) and ``parity.md`` (a table);
+    return the Markdown."""
     from segface_jax.files import atomic_write
 
     rows = [run.row() for run in runs]
@@ -367,6 +368,7 @@ def write_report(out_dir: Path, header: dict[str, Any], runs: list[ParityRun]) -
             + (f"\nNo weights found for: {', '.join(header['skipped (no weights)'])}.\n"
                if header["skipped (no weights)"] else ""))
     atomic_write(out_dir / "parity.md", lambda p: Path(p).write_text(text))
+    return text
 
 
 def parity_panel(rgb: np.ndarray, ours: np.ndarray, ref: np.ndarray, variant: Variant,

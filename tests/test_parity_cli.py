@@ -159,9 +159,9 @@ def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run
     """``parity --all``: the variants with a release file under --weights-dir (here one, in the
     hub's layout) run on the --images folder, the rest are listed as without weights;
     parity.md and parity.json carry the verdict, the figures, the versions and the device."""
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
     weights = tmp_path / "weights" / "convnext_celeba_512"
     weights.mkdir(parents=True)
     (weights / "model_299.pt").symlink_to(release.release_file("convnext_celeba"))
@@ -174,6 +174,7 @@ def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run
                  str(images), "--out", str(report)]) == 0
     out = capsys.readouterr().out
     assert "1 of 1 variants PASS; no weights for " in out and "swinb_lapa_512" in out
+    assert "| convnext_celeba_512 | PASS |" in out  # the verdict table, printed
     doc = json.loads((report / "parity.json").read_text())
     assert {"jax", "jaxlib", "torch", "torchvision"} <= set(doc["versions"]) and doc["device"]
     (row,) = doc["variants"]
@@ -183,7 +184,9 @@ def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run
     table = (report / "parity.md").read_text()
     assert "| convnext_celeba_512 | PASS |" in table and "No weights found for:" in table
     assert (report / "parity_convnext_celeba_512.png").is_file()
-    # the golden files of every variant saved in a folder, re-checked in one go
+    # the golden files of every variant saved in a folder, re-checked in one go, with the
+    # weights the cache holds for the release file they were made from
+    release.converted("convnext_celeba_512")
     assert main(["parity", "--all", "--golden", str(user_image_run[3])]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: relative")
 
@@ -205,9 +208,9 @@ def test_parity_rejects_unreadable_image_and_unknown_variant(tmp_path, capsys, m
     assert main(["parity", "--variant", "swinb_celeba_224", "--images",
                  str(tmp_path / "empty")]) == 2
     assert "no images in it" in capsys.readouterr().err
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
     assert main(["parity", "--all", "--weights-dir", str(tmp_path), "--out",
                  str(tmp_path / "r")]) == 2
     assert "no release files found" in capsys.readouterr().err
