@@ -111,8 +111,7 @@ def parity_inputs(variant: Variant, image: str | None = None,
         folder = Path(images)
         if not folder.is_dir():
             raise preprocess.ImageError(f"--images {folder}: not a folder")
-        paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+        paths = sorted(p for p in folder.iterdir() if preprocess.is_image_file(p))
         if not paths:
             raise preprocess.ImageError(f"--images {folder}: no images in it ("
                                         f"{', '.join(sorted(preprocess.IMAGE_SUFFIXES))})")
@@ -277,29 +276,27 @@ def _stacked(panels):
     return img
 
 
-def local_release(variant: Variant, weights_dir: str | os.PathLike | None) -> Path | None:
+def local_release(variant: Variant, weights_dir: str | os.PathLike | None,
+                  cached: Callable[[Variant], Path | None] | None = None) -> Path | None:
     """``variant``'s release file without any download: ``weights_dir/<variant>/model_299.pt``
-    (the hub's layout) or ``weights_dir/<variant>.pt``, else the local hub cache, else None."""
+    (the hub's layout) or ``weights_dir/<variant>.pt``, else ``cached(variant)`` (the CLI
+    passes the hub cache's lookup), else None."""
     if weights_dir is not None:
         for path in (Path(weights_dir) / variant.hub_filename,
                      Path(weights_dir) / f"{variant.name}.pt"):
             if path.is_file():
                 return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        from segface_jax.variants import HUB_REPO
-
-        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, local_files_only=True))
-    except Exception:  # no huggingface_hub, or not in its cache
-        return None
+    return cached(variant) if cached else None
 
 
 def run_parity_all(variants: list[Variant], out_dir: str | os.PathLike, *,
                    weights_dir: str | os.PathLike | None = None, images: str | None = None,
-                   allow_random_weights: bool = False, **options) -> list[ParityRun]:
+                   allow_random_weights: bool = False,
+                   cached: Callable[[Variant], Path | None] | None = None,
+                   **options) -> list[ParityRun]:
     """``parity --all``: every variant whose release file is available locally
-    (``local_release``; with ``allow_random_weights``, the others on seeded random weights),
+    (``local_release``, with ``cached`` for the hub cache; with ``allow_random_weights``, the
+    others on seeded random weights),
     each with its overlay in ``out_dir``; then ``out_dir/parity.md`` and ``parity.json``
     (``options``: ``run_parity``'s referee, matmul_precision, save_golden)."""
     import gc
@@ -311,7 +308,7 @@ def run_parity_all(variants: list[Variant], out_dir: str | os.PathLike, *,
 
     out_dir = Path(out_dir)
     ensure_writable(out_dir, "--out")
-    found = {v.name: local_release(v, weights_dir) for v in variants}
+    found = {v.name: local_release(v, weights_dir, cached) for v in variants}
     todo = [v for v in variants if found[v.name] or allow_random_weights]
     skipped = [v.name for v in variants if v not in todo]
     if not todo:
@@ -399,9 +396,8 @@ def parity_panel(rgb: np.ndarray, ours: np.ndarray, ref: np.ndarray, variant: Va
         draw.text((i * r + 4, top), title, fill=(0, 0, 0))
         img.paste(Image.fromarray(tile), (i * r, top + line))
     y0 = top + line + r + 6
-    for k, (name, colour) in enumerate(zip(variant.classes, variant.palette, strict=True)):
-        if not legend:
-            break
+    entries = zip(variant.classes, variant.palette, strict=True) if legend else ()
+    for k, (name, colour) in enumerate(entries):
         x, y = (k % per_row) * 120 + 6, y0 + (k // per_row) * (swatch + 6)
         draw.rectangle((x, y, x + swatch, y + swatch), fill=tuple(colour), outline=(0, 0, 0))
         draw.text((x + swatch + 4, y), f"{k} {name}", fill=(0, 0, 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -48,9 +49,12 @@ def _parity(args: argparse.Namespace) -> int:
         if args.weights or args.image:
             raise ParityError("--all takes --weights-dir (DIR/<variant>/model_299.pt) and "
                               "--images DIR, not --weights or --image")
+        from segface_jax.hub import cached_release
+
         runs = run_parity_all(list(VARIANTS.values()), args.out or "parity-report",
                               weights_dir=args.weights_dir, images=args.images,
-                              allow_random_weights=args.allow_random_weights, **options)
+                              allow_random_weights=args.allow_random_weights,
+                              cached=cached_release, **options)
         return 0 if all(run.verdict.passed for run in runs) else 1
     variant = get_variant(args.variant)
     inputs = parity_inputs(variant, args.image, args.images)  # a bad image fails first
@@ -89,32 +93,36 @@ def _parity_golden(args: argparse.Namespace) -> int:
         variants = [get_variant(args.variant)]
     passed = 0
     for variant in variants:
-
-        def weights(sha256: str, variant=variant) -> Path:  # --weights, else the cache's
-            from segface_jax import hub
-            from segface_jax.files import sha256_file
-
-            if args.weights is None:
-                cached = hub.cached_conversion(sha256, variant)
-                if cached is None:
-                    raise GoldenError(
-                        f"the golden files were made from a release file with sha256 "
-                        f"{sha256[:12]}..., whose conversion is not in the cache "
-                        f"({hub.cache_dir() / 'converted'}); pass --weights: a directory "
-                        "written by `segface-jax convert`, or the model_299.pt")
-                return cached
-            path = Path(args.weights)
-            if not path.is_file():
-                return path  # a converted directory (checked), or refused as not one
-            if (got := sha256_file(path)) != sha256:
-                raise GoldenError(f"{path} has sha256 {got[:12]}..., but the golden files "
-                                  f"were made from {sha256[:12]}...")
-            return hub.converted_checkpoint(path, variant)  # once; needs torch
-
+        weights = functools.partial(_golden_weights, args.weights, variant)
         passed += check_golden(variant, args.golden, weights, args.matmul_precision).passed
     if len(variants) > 1:
         print(f"{passed} of {len(variants)} variants PASS")
     return 0 if passed == len(variants) else 1
+
+
+def _golden_weights(weights: str | None, variant: Variant, sha256: str) -> Path:
+    """The converted checkpoint to re-check golden files made from the release file ``sha256``:
+    ``--weights`` (a converted directory, or that very ``.pt``), else the cache's conversion."""
+    from segface_jax import hub
+    from segface_jax.convert import GoldenError
+    from segface_jax.files import sha256_file
+
+    if weights is None:
+        cached = hub.cached_conversion(sha256, variant)
+        if cached is None:
+            raise GoldenError(
+                f"the golden files were made from a release file with sha256 "
+                f"{sha256[:12]}..., whose conversion is not in the cache "
+                f"({hub.cache_dir() / 'converted'}); pass --weights: a directory "
+                "written by `segface-jax convert`, or the model_299.pt")
+        return cached
+    path = Path(weights)
+    if not path.is_file():
+        return path  # a converted directory (checked), or refused as not one
+    if (got := sha256_file(path)) != sha256:
+        raise GoldenError(f"{path} has sha256 {got[:12]}..., but the golden files "
+                          f"were made from {sha256[:12]}...")
+    return hub.converted_checkpoint(path, variant)  # once; needs torch
 
 
 def _predict(args: argparse.Namespace) -> int:

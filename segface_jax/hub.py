@@ -65,6 +65,18 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return False, f"{url.hostname}: {e.strerror or type(e).__name__}"
 
 
+def cached_release(variant: Variant, revision: str | None = None) -> Path | None:
+    """Local path of ``<variant>/model_299.pt`` in the Hugging Face hub cache, or None (not
+    there, or no huggingface_hub); never touches the network."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, revision=revision,
+                                    local_files_only=True))
+    except Exception:  # no huggingface_hub, or not in the local hub cache
+        return None
+
+
 def download_release(variant: Variant, revision: str | None = None) -> Path:
     """Local path of ``<variant>/model_299.pt``: from the hub cache, else downloaded."""
     try:
@@ -75,11 +87,8 @@ def download_release(variant: Variant, revision: str | None = None) -> Path:
             f"'segface-jax[convert]', or download {release_url(variant, revision)} yourself "
             "and pass it as weights") from None
 
-    try:
-        return Path(hf_hub_download(HUB_REPO, variant.hub_filename, revision=revision,
-                                    local_files_only=True))
-    except Exception:  # not in the local hub cache
-        pass
+    if (cached := cached_release(variant, revision)) is not None:
+        return cached
     reachable, why = hub_reachable()
     if reachable:
         try:

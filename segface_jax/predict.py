@@ -61,8 +61,7 @@ def collect_inputs(inputs: Sequence[str], out_dir: Path,
             continue
         path = Path(arg)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in preprocess.IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if preprocess.is_image_file(p))
             if not files:
                 kinds = ", ".join(sorted(preprocess.IMAGE_SUFFIXES))
                 raise InputError(f"{path}: folder holds no images ({kinds})")

@@ -16,6 +16,12 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether a folder entry is a picture to read: a visible file with an image suffix."""
+    return (path.is_file() and not path.name.startswith(".")
+            and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
 class ImageError(Exception):
     """An input image that cannot be read, with the file named in the message."""
 
