@@ -12,8 +12,9 @@ import tempfile
 def _pin_xdist_worker() -> int | None:
     """Under ``pytest -n N``, give worker k the cores k, k + N, ... (threads sized before JAX and
     torch start): XLA's and torch's thread pools, one per core in every worker, would otherwise
-    compete for the same cores (measured: 8271 against 5760 CPU-seconds for the suite on two
-    unpinned workers). The CLI processes a test starts inherit the worker's cores."""
+    compete for the same cores (two unpinned workers once took 8271 CPU-seconds for the suite,
+    one process 5760, in separate runs). The CLI processes a test starts inherit the worker's
+    cores."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
