@@ -47,6 +47,34 @@ def _kind(opcode: str, library: bool, primitive: str) -> str:
     return "elementwise" if not library else "library fusion"
 
 
+def _name_module_scopes() -> None:
+    """Wrap every model class's ``__call__`` in ``jax.named_scope("segface.<Class>")``, so each
+    compiled op's ``op_name`` says which module emitted it."""
+    import functools
+    import inspect
+
+    import jax
+    from flax import nnx
+
+    from segface_jax.models import convnext, decoder, efficientnet_v2, layers, mobilenet_v3
+    from segface_jax.models import resnet, segface, swin
+
+    def scoped(cls):
+        call = cls.__call__
+
+        @functools.wraps(call)
+        def wrapper(self, *args, **kwargs):
+            with jax.named_scope(f"segface.{cls.__name__}"):
+                return call(self, *args, **kwargs)
+        return wrapper
+
+    for mod in (convnext, decoder, efficientnet_v2, layers, mobilenet_v3, resnet, segface, swin):
+        for cls in vars(mod).values():
+            if (inspect.isclass(cls) and issubclass(cls, nnx.Module) and cls.__module__ ==
+                    mod.__name__ and "__call__" in vars(cls)):
+                cls.__call__ = scoped(cls)
+
+
 def worker_jax(variant: str, batch: int) -> dict:
     """Trace one compiled step; time per (kind, primitive, pass), in ms."""
     import jax
@@ -57,6 +85,7 @@ def worker_jax(variant: str, batch: int) -> dict:
     from segface_jax.train import optim, step
     from segface_jax.variants import get_variant
 
+    _name_module_scopes()
     v = get_variant(variant)
     model = SegFace(SegFaceConfig.from_variant(v), rngs=nnx.Rngs(0))
     tx = optim.adamw(1e-4, 1e-5)
@@ -74,8 +103,10 @@ def worker_jax(variant: str, batch: int) -> dict:
         op_name = op_name.group(1) if op_name else ""
         primitive = op_name.rsplit("/", 1)[-1] or opcode
         library = '"__ynn_fusion"' in rest or '"__xnn_fusion"' in rest or "onednn" in rest
+        scopes = [part for part in op_name.split("/") if part.startswith("segface.")]
+        source = scopes[-1].removeprefix("segface.") if scopes else "(outside modules)"
         ops[name] = (_kind(opcode, library, primitive), primitive,
-                     "backward" if "transpose(" in op_name else "forward")
+                     "backward" if "transpose(" in op_name else "forward", source)
     for _ in range(2):
         state, metrics = compiled(state, b)
         jax.block_until_ready(metrics)
@@ -87,11 +118,13 @@ def worker_jax(variant: str, batch: int) -> dict:
         wall = time.perf_counter() - t0
         trace = sorted(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True))[-1]
         events = json.load(gzip.open(trace))["traceEvents"]
-    rows = collections.Counter()
+    rows, sources = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e["name"] in ops:
-            rows["|".join(ops[e["name"]])] += e["dur"] / 1e3
-    return {"wall_ms": wall * 1e3, "rows": dict(rows)}
+            *key, source = ops[e["name"]]
+            rows["|".join(key)] += e["dur"] / 1e3
+            sources[f"{source}|{key[2]}"] += e["dur"] / 1e3
+    return {"wall_ms": wall * 1e3, "rows": dict(rows), "sources": dict(sources)}
 
 
 def worker_torch(variant: str, batch: int) -> dict:
@@ -142,6 +175,7 @@ def main() -> None:
         by_kind[f"{kind}|{pass_}"] += ms
     _table("JAX by kind", by_kind, 99, "| kind | pass | ms | share |")
     _table("JAX by op", j["rows"], args.top, "| kind | primitive | pass | ms | share |")
+    _table("JAX by module (innermost)", j["sources"], args.top, "| module | pass | ms | share |")
     _table("torch eager by op (self time)", t["rows"], args.top, "| op | ms | share |")
 
 
