@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -81,30 +82,79 @@ def _cpu_or_default(*args: jnp.ndarray, cpu: Callable, default: Callable) -> jnp
     return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
+def _shifted_sum(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Depthwise conv as the sum of k*k shifted (strided) slices times the kernel's taps."""
+    k = kernel.shape[0]
+    p = (k - 1) // 2
+    b, h, w, c = x.shape
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = jnp.zeros((b, ho, wo, c), x.dtype)
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    for i in range(k):
+        for j in range(k):
+            out = out + xp[:, i:i + span_h:stride, j:j + span_w:stride] * kernel[i, j]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_slices(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """``_shifted_sum`` with a backward pass written for XLA:CPU (``_depthwise_slices_bwd``)."""
+    return _shifted_sum(x, kernel, stride)
+
+
+def _depthwise_slices_fwd(x, kernel, stride):
+    return _shifted_sum(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_slices_bwd(stride, residuals, g):
+    """The gradients of ``_shifted_sum`` in a few fused passes instead of autodiff's 2 k*k.
+
+    With the output gradient ``g`` spread back onto the input grid (zeros between strided
+    positions), the input gradient is the same shifted sum with the kernel flipped, one fused
+    loop. The kernel gradient, dK[i, j, c] = sum over b, h, w of xpad[b, h + i, w + j, c] *
+    g[b, h, w, c], is one batched contraction of k row-shifted copies of the padded input with k
+    column-shifted copies of ``g`` over each image row (w), in float32, then a sum over the rows:
+    autodiff's k*k full-image reductions cost ~3x more at ConvNeXt's 7x7 shapes
+    (bench/depthwise.py). Summing per row first keeps the rounding well below torch's own
+    (tests/test_modules.py).
+    """
+    x, kernel = residuals
+    k = kernel.shape[0]
+    p = (k - 1) // 2
+    b, h, w, c = x.shape
+    if stride > 1:
+        g = jnp.zeros((b, h, w, c), g.dtype).at[:, ::stride, ::stride].set(g)
+    dx = _shifted_sum(g, kernel[::-1, ::-1], 1)
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    rows = jnp.stack([xp[:, i:i + h] for i in range(k)], axis=1)  # (b, k, h, w + 2p, c)
+    cols = jnp.stack([jnp.pad(g, ((0, 0), (0, 0), (j, 2 * p - j), (0, 0))) for j in range(k)],
+                     axis=3)  # (b, h, w + 2p, k, c)
+    per_row = jnp.einsum("bihwc,bhwjc->bhijc", rows, cols, preferred_element_type=jnp.float32)
+    return dx, per_row.sum(axis=(0, 1)).astype(kernel.dtype)
+
+
+_depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
+
+
 def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None,
                    impl: str | None = None, stride: int = 1) -> jnp.ndarray:
     """Depthwise conv, symmetric padding (k-1)//2: (B, H, W, C), (k, k, C) -> (B, H/s, W/s, C).
 
     XLA:CPU's grouped convolution is many times slower than torch's (bench/depthwise.py), while
-    a sum of k*k shifted (strided) slices is fused into one fast loop (in inference; its autodiff
-    backward is k*k separate passes, still faster than the grouped convolution's). The choice
-    is made per platform at lowering (``lax.platform_dependent``): CPU runs the slices, every other
-    platform ``lax.conv_general_dilated``, so one multi-platform export is right everywhere.
-    ``impl`` ("slices" or "lax") forces one on every platform. Both compute the same sum.
+    a sum of k*k shifted (strided) slices is fused into one fast loop, with a hand-written
+    backward pass (``_depthwise_slices_bwd``). The choice is made per platform at lowering
+    (``lax.platform_dependent``): CPU runs the slices, every other platform
+    ``lax.conv_general_dilated``, so one multi-platform export is right everywhere. ``impl``
+    ("slices" or "lax") forces one on every platform. Both compute the same sum.
     """
     k = kernel.shape[0]
     p = (k - 1) // 2
 
     def slices(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-        b, h, w, c = x.shape
-        ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        out = jnp.zeros((b, ho, wo, c), x.dtype)
-        span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-        for i in range(k):
-            for j in range(k):
-                out = out + xp[:, i:i + span_h:stride, j:j + span_w:stride] * kernel[i, j]
-        return out
+        if stride == 1:
+            return _depthwise_slices(x, kernel, stride)
+        return _shifted_sum(x, kernel, stride)
 
     def grouped(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
         return jax.lax.conv_general_dilated(
