@@ -56,8 +56,16 @@ def _name_module_scopes() -> None:
     import jax
     from flax import nnx
 
-    from segface_jax.models import convnext, decoder, efficientnet_v2, layers, mobilenet_v3
-    from segface_jax.models import resnet, segface, swin
+    from segface_jax.models import (
+        convnext,
+        decoder,
+        efficientnet_v2,
+        layers,
+        mobilenet_v3,
+        resnet,
+        segface,
+        swin,
+    )
 
     def scoped(cls):
         call = cls.__call__

@@ -75,9 +75,12 @@ class ConvNeXtBlock(RematUnit, nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dt = self.dtype or x.dtype
-        y = depthwise_conv(x, self.dwconv_kernel[...].astype(dt), self.dwconv_bias[...].astype(dt))
-        y = self.fc2(gelu(self.fc1(self.norm(y))))
-        return x + self.drop_path(self.layer_scale[...].astype(dt) * y)
+        # after the convolution the block works on the (pixels, C) view: the gradients of the
+        # conv bias and the layer scale are then sums over axis 0 of a 2-D array, not over
+        # (1, H, W) at batch 1, which XLA:CPU runs many times slower (bench/xla_cpu_reduce.py)
+        y = depthwise_conv(x, self.dwconv_kernel[...].astype(dt), None).reshape(-1, x.shape[-1])
+        y = self.fc2(gelu(self.fc1(self.norm(y + self.dwconv_bias[...].astype(dt)))))
+        return x + self.drop_path((self.layer_scale[...].astype(dt) * y).reshape(x.shape))
 
 
 class Downsample(nnx.Module):

@@ -126,12 +126,14 @@ def _depthwise_slices_bwd(stride, residuals, g):
     if stride > 1:
         g = jnp.zeros((b, h, w, c), g.dtype).at[:, ::stride, ::stride].set(g)
     dx = _shifted_sum(g, kernel[::-1, ::-1], 1)
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    rows = jnp.stack([xp[:, i:i + h] for i in range(k)], axis=1)  # (b, k, h, w + 2p, c)
-    cols = jnp.stack([jnp.pad(g, ((0, 0), (0, 0), (j, 2 * p - j), (0, 0))) for j in range(k)],
-                     axis=3)  # (b, h, w + 2p, k, c)
-    per_row = jnp.einsum("bihwc,bhwjc->bhijc", rows, cols, preferred_element_type=jnp.float32)
-    return dx, per_row.sum(axis=(0, 1)).astype(kernel.dtype)
+    # channel-major, so the contraction below is a plain batched matmul over (b, c, h)
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).transpose(0, 3, 1, 2)
+    gp = jnp.pad(g.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (0, 0), (2 * p, 2 * p)))
+    rows = jnp.stack([xp[:, :, i:i + h] for i in range(k)], axis=2)  # (b, c, k, h, w + 2p)
+    cols = jnp.stack([gp[..., 2 * p - j:2 * p - j + w + 2 * p] for j in range(k)],
+                     axis=2)  # (b, c, k, h, w + 2p): g shifted right by j
+    per_row = jnp.einsum("bcihw,bcjhw->bchij", rows, cols, preferred_element_type=jnp.float32)
+    return dx, per_row.sum(axis=(0, 2)).transpose(1, 2, 0).astype(kernel.dtype)
 
 
 _depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
