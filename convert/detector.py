@@ -1,0 +1,74 @@
+"""MTCNN weights (facenet-pytorch 2.6.0's ``pnet.pt``, ``rnet.pt``, ``onet.pt``) -> Flax arrays.
+
+The same exactness as the SegFace converter: an explicit rule per tensor kind, files loaded with
+``weights_only=True``, and one error naming every key that does not map, every shape that
+differs and every tensor that is not finite.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from segface_jax.checkpoint import fill_module, flat_state
+from segface_jax.convert.converter import ConversionError, map_state_dict
+from segface_jax.convert.rules import Family, Rule, conv, linear
+from segface_jax.models.mtcnn import NETWORKS
+
+# facenet-pytorch's module names are the Flax attribute names (segface_jax/models/mtcnn.py)
+RULES = [
+    Rule(r"(conv\d(?:_\d)?)\.weight", r"\1.kernel", conv),
+    Rule(r"(conv\d(?:_\d)?)\.bias", r"\1.bias"),
+    Rule(r"(prelu\d)\.weight", r"\1.weight"),
+    Rule(r"(dense\d(?:_\d)?)\.weight", r"\1.kernel", linear),
+    Rule(r"(dense\d(?:_\d)?)\.bias", r"\1.bias"),
+]
+FAMILY = Family("mtcnn", RULES, [], {})
+
+
+def abstract_network(name: str) -> nnx.Module:
+    """The network's structure with ShapeDtypeStruct leaves (nothing allocated)."""
+    return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
+
+
+def convert_network(name: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map one network's state_dict (``name`` in pnet / rnet / onet) onto its Flax paths."""
+    expected = flat_state(abstract_network(name))
+    arrays, _, _ = map_state_dict(state, FAMILY, expected)
+    return arrays
+
+
+def load_network_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A facenet-pytorch network file's tensors, loaded with ``weights_only=True`` only."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConversionError(f"{path}: not a readable PyTorch state_dict ({first}). Take the "
+                              "file again from facenet-pytorch 2.6.0's wheel (facenet_pytorch/"
+                              "data/).") from None
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConversionError(f"{path}: not an MTCNN state_dict (a dict of tensors)")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def load_networks(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, nnx.Module]:
+    """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
+    return {name: fill_module(NETWORKS[name](rngs=nnx.Rngs(0)),
+                              jax.tree.map(np.asarray, dict(arrays[name])))
+            for name in NETWORKS}
