@@ -62,3 +62,35 @@ def astronaut() -> np.ndarray:
         raise preprocess.ImageError("the astronaut sample needs scikit-image: "
                                     "pip install scikit-image") from None
     return data.astronaut()
+
+
+# (left, top, scale, degrees counter-clockwise, mirrored) of each face pasted into the group
+# photo, on a 640 x 480 canvas whose own face sits at about (226, 58)-(335, 161)
+_PASTED_FACES = [(20, 260, 0.75, 0, True), (440, 30, 0.6, 20, False), (430, 270, 0.9, -25, True),
+                 (230, 320, 0.5, 0, False), (20, 40, 0.55, 30, False)]
+
+
+def group_photo(faces: int = 4) -> np.ndarray:
+    """A (480, 640, 3) uint8 composite with ``faces`` faces (1-6): the astronaut photo resized,
+    plus copies of its head pasted at other scales, positions and in-plane rotations, some
+    mirrored, each blended in through an elliptical mask (the detector's multi-face input)."""
+    from PIL import Image, ImageDraw
+
+    if not 1 <= faces <= len(_PASTED_FACES) + 1:
+        raise ValueError(f"group_photo makes 1 to {len(_PASTED_FACES) + 1} faces, not {faces}")
+    photo = Image.fromarray(astronaut())
+    canvas = photo.resize((640, 480), Image.Resampling.BILINEAR)
+    head = photo.crop((150, 20, 300, 210))  # 150 x 190 around the face
+    mask = Image.new("L", head.size, 0)
+    ImageDraw.Draw(mask).ellipse((8, 4, head.size[0] - 8, head.size[1] - 4), fill=255)
+    for left, top, scale, degrees, mirrored in _PASTED_FACES[:faces - 1]:
+        size = (round(head.size[0] * scale), round(head.size[1] * scale))
+        face, face_mask = (im.resize(size, Image.Resampling.BILINEAR) for im in (head, mask))
+        if mirrored:
+            face, face_mask = (im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                               for im in (face, face_mask))
+        if degrees:
+            face = face.rotate(degrees, resample=Image.Resampling.BILINEAR)
+            face_mask = face_mask.rotate(degrees, resample=Image.Resampling.BILINEAR)
+        canvas.paste(face, (left, top), face_mask)
+    return np.asarray(canvas)

@@ -1,0 +1,222 @@
+"""The MTCNN detection pipeline's host-side steps, with facenet-pytorch 2.6.0's arithmetic.
+
+facenet-pytorch resizes every pyramid level and every face crop with torch's ``area``
+interpolation and prunes candidates with torchvision's NMS between stages (IoU, areas without
+the +1) and its own NumPy NMS after the last ("Min": overlap over the smaller box, areas with
+the +1). These functions reproduce each; the networks are ``segface_jax.models.mtcnn``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def _area_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """(out, in) averaging weights of torch's adaptive average pooling along one axis: output
+    i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """torch ``interpolate(mode="area")`` of an (H, W, C) image to ``size`` = (h, w), float32.
+
+    Area interpolation is adaptive average pooling; its rectangular windows separate into an
+    average over rows then one over columns (each window's count is the product of the two),
+    computed here in float64 and rounded once.
+    """
+    rows = _area_matrix(size[0], image.shape[0])
+    cols = _area_matrix(size[1], image.shape[1])
+    out = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols, optimize=True)
+    return out.astype(np.float32)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float,
+        groups: np.ndarray | None = None) -> np.ndarray:
+    """torchvision's ``(batched_)nms``: indices kept, by decreasing score.
+
+    A box is dropped when its IoU with a kept, higher-scoring box of the same group exceeds
+    ``iou``; areas are (x2 - x1) * (y2 - y1), as torchvision computes them.
+    """
+    return _greedy(boxes, scores, groups, lambda inter, a, b: inter / (a + b - inter), iou,
+                   plus_one=False, order=np.argsort(-scores, kind="stable"))
+
+
+def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float,
+            groups: np.ndarray | None = None) -> np.ndarray:
+    """facenet-pytorch's NumPy NMS with method "Min", used after O-Net: overlap is the
+    intersection over the smaller box, areas count the +1 pixel, and the order is NumPy's
+    default ``argsort`` of the scores, highest first."""
+    return _greedy(boxes, scores, groups, lambda inter, a, b: inter / np.minimum(a, b),
+                   threshold, plus_one=True, order=np.argsort(scores)[::-1])
+
+
+def _greedy(boxes, scores, groups, overlap, threshold, *, plus_one, order) -> np.ndarray:
+    """Greedy suppression in ``order``; boxes of different ``groups`` never suppress each other."""
+    boxes = np.asarray(boxes, np.float32)
+    if len(boxes) == 0:
+        return np.zeros((0,), np.int64)
+    if groups is not None:  # torchvision's and facenet's trick: shift each group apart
+        boxes = boxes + (np.asarray(groups, np.float32) * (boxes.max() + 1))[:, None]
+    one = np.float32(1 if plus_one else 0)
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1 + one) * (y2 - y1 + one)
+    keep = []
+    order = np.asarray(order)
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])
+                       + one)
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])
+                       + one)
+        order = rest[overlap(w * h, area[i], area[rest]) <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """Faces found in one image, largest box first (facenet-pytorch's ``select_largest``)."""
+
+    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2 in image pixels
+    scores: np.ndarray  # (N,) O-Net's face probability
+    landmarks: np.ndarray  # (N, 5, 2) x, y: the two eye centres, nose tip, two mouth corners
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _compiled(network: nnx.Module) -> Callable:
+    """``network`` as a jitted function of its input (one compile per input shape)."""
+    graphdef, state = nnx.split(network)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return lambda x: jax.tree.map(np.asarray, run(state, x))
+
+
+def _normalised(pixels: np.ndarray) -> np.ndarray:
+    return (pixels - np.float32(127.5)) * np.float32(0.0078125)
+
+
+def _rerec(boxes: np.ndarray) -> np.ndarray:
+    """Squares around the boxes' centres, side max(w, h) (facenet-pytorch's ``rerec``)."""
+    boxes = boxes.copy()
+    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    side = np.maximum(w, h)
+    boxes[:, 0] = boxes[:, 0] + w * np.float32(0.5) - side * np.float32(0.5)
+    boxes[:, 1] = boxes[:, 1] + h * np.float32(0.5) - side * np.float32(0.5)
+    boxes[:, 2:4] = boxes[:, :2] + side[:, None]
+    return boxes
+
+
+def _bbreg(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Boxes moved by the regression ``offsets`` in units of their (+1) width and height."""
+    boxes = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + np.float32(1)
+    h = boxes[:, 3] - boxes[:, 1] + np.float32(1)
+    boxes[:, :4] = boxes[:, :4] + offsets * np.stack([w, h, w, h], 1)
+    return boxes
+
+
+def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Normalised ``size`` x ``size`` crops of the boxes, truncated to integers and clipped to
+    the image as facenet-pytorch's ``pad`` does (1-based starts, inclusive ends)."""
+    h, w = image.shape[:2]
+    ints = np.trunc(boxes[:, :4]).astype(np.int32)
+    x, y = np.maximum(ints[:, 0], 1), np.maximum(ints[:, 1], 1)
+    ex, ey = np.minimum(ints[:, 2], w), np.minimum(ints[:, 3], h)
+    return np.stack([_normalised(area_resize(image[y0 - 1:y1, x0 - 1:x1], (size, size)))
+                     for x0, y0, x1, y1 in zip(x, y, ex, ey)])
+
+
+def _bucket(n: int) -> int:
+    """Crops per R-/O-Net call, padded to a power of two (at least 8): few compiled shapes."""
+    return max(8, 1 << (n - 1).bit_length())
+
+
+class MTCNN:
+    """MTCNN face detection with facenet-pytorch 2.6.0's defaults and arithmetic.
+
+    ``networks`` maps "pnet", "rnet", "onet" to the Flax networks (``convert/detector.py``
+    converts the pretrained files). Call it on an (H, W, 3) RGB image with values 0-255.
+    """
+
+    def __init__(self, networks: Mapping[str, nnx.Module], min_face: int = 20,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+                 factor: float = 0.709):
+        self.pnet, self.rnet, self.onet = (_compiled(networks[n]) for n in ("pnet", "rnet", "onet"))
+        self.min_face, self.thresholds, self.factor = min_face, thresholds, factor
+
+    def scales(self, h: int, w: int) -> list[float]:
+        """The image pyramid: P-Net's 12 px window covers ``min_face`` px at the first level."""
+        scale = 12.0 / self.min_face
+        shortest, scales = min(h, w) * scale, []
+        while shortest >= 12:
+            scales.append(scale)
+            scale, shortest = scale * self.factor, shortest * self.factor
+        return scales
+
+    def _propose(self, image: np.ndarray) -> np.ndarray:
+        """Stage 1: P-Net on every pyramid level -> (N, 9) boxes, score and offsets."""
+        h, w = image.shape[:2]
+        found = []
+        for scale in self.scales(h, w):
+            level = _normalised(area_resize(image, (int(h * scale + 1), int(w * scale + 1))))
+            offsets, probs = self.pnet(level[None])
+            ys, xs = np.nonzero(probs[0, :, :, 1] >= self.thresholds[0])
+            cells = np.stack([xs, ys], 1).astype(np.float32)
+            s = np.float32(scale)
+            boxes = np.concatenate([np.floor((2 * cells + 1) / s), np.floor((2 * cells + 12) / s),
+                                    probs[0, ys, xs, 1:2], offsets[0, ys, xs]], 1)
+            found.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
+        boxes = np.concatenate(found) if found else np.zeros((0, 9), np.float32)
+        boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
+        size = boxes[:, 2:4] - boxes[:, 0:2]
+        moved = boxes[:, :4] + boxes[:, 5:9] * np.concatenate([size, size], 1)
+        return _rerec(np.concatenate([moved, boxes[:, 4:5]], 1))
+
+    def _score(self, network: Callable, image: np.ndarray, boxes: np.ndarray,
+               size: int) -> tuple[np.ndarray, ...]:
+        """``network`` on the boxes' crops, in padded batches; outputs trimmed to the boxes."""
+        crops = _crops(image, boxes, size)
+        padded = np.zeros((_bucket(len(crops)), size, size, 3), np.float32)
+        padded[:len(crops)] = crops
+        return tuple(o[:len(crops)] for o in network(padded))
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        """Faces in an (H, W, 3) RGB image (uint8 or float 0-255)."""
+        image = np.asarray(image, np.float32)
+        none = Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
+                          np.zeros((0, 5, 2), np.float32))
+        boxes = self._propose(image)
+        if not len(boxes):
+            return none
+        offsets, probs = self._score(self.rnet, image, boxes, 24)
+        keep = probs[:, 1] > self.thresholds[1]
+        boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], 1)
+        pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
+        boxes = _rerec(_bbreg(boxes[pick], offsets[keep][pick]))
+        if not len(boxes):
+            return none
+        offsets, points, probs = self._score(self.onet, image, boxes, 48)
+        keep = probs[:, 1] > self.thresholds[2]
+        boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], 1)
+        points = points[keep]
+        w = boxes[:, 2] - boxes[:, 0] + np.float32(1)
+        h = boxes[:, 3] - boxes[:, 1] + np.float32(1)
+        one = np.float32(1)
+        landmarks = np.stack([w[:, None] * points[:, :5] + boxes[:, 0:1] - one,
+                              h[:, None] * points[:, 5:] + boxes[:, 1:2] - one], -1)
+        boxes = _bbreg(boxes, offsets[keep])
+        pick = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
+        boxes, landmarks = boxes[pick], landmarks[pick]
+        order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
+        return Detections(boxes[order, :4], boxes[order, 4], landmarks[order])
