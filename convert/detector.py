@@ -67,6 +67,14 @@ def load_network_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
+def load_pretrained(folder: str | os.PathLike) -> dict[str, nnx.Module]:
+    """PNet, RNet and ONet converted from ``folder``'s pnet.pt, rnet.pt and onet.pt (the
+    layout of facenet-pytorch's ``facenet_pytorch/data``)."""
+    return load_networks({name: convert_network(name, load_network_file(Path(folder) /
+                                                                        f"{name}.pt"))
+                          for name in NETWORKS})
+
+
 def load_networks(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, nnx.Module]:
     """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
     return {name: fill_module(NETWORKS[name](rngs=nnx.Rngs(0)),

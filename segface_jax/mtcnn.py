@@ -1,9 +1,11 @@
-"""The MTCNN detection pipeline's host-side steps, with facenet-pytorch 2.6.0's arithmetic.
+"""The MTCNN face detector: facenet-pytorch 2.6.0's detection steps around our JAX networks.
 
 facenet-pytorch resizes every pyramid level and every face crop with torch's ``area``
 interpolation and prunes candidates with torchvision's NMS between stages (IoU, areas without
 the +1) and its own NumPy NMS after the last ("Min": overlap over the smaller box, areas with
-the +1). These functions reproduce each; the networks are ``segface_jax.models.mtcnn``.
+the +1). These functions follow each step; the NMS and the box arithmetic are float32 as
+there, the area averages are exact (float64, rounded once) where torch sums in float32, a
+difference of about 1e-6 of the pixel range. The networks are ``segface_jax.models.mtcnn``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import numpy as np
 from flax import nnx
 
 
-def _area_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) averaging weights of torch's adaptive average pooling along one axis: output
-    i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
-    m = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        start = (i * in_size) // out_size
-        end = -((-(i + 1) * in_size) // out_size)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
+def _area_average(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """torch's adaptive average pooling along ``axis`` of a float64 array: output i averages
+    inputs floor(i * n / out) to ceil((i + 1) * n / out) - 1, from cumulative sums."""
+    n = x.shape[axis]
+    i = np.arange(out_size)
+    start, end = (i * n) // out_size, -((-(i + 1) * n) // out_size)
+    sums = np.concatenate([np.zeros_like(np.take(x, [0], axis)), np.cumsum(x, axis)], axis)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    return (np.take(sums, end, axis) - np.take(sums, start, axis)) / (end - start).reshape(shape)
 
 
 def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -34,10 +37,8 @@ def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     average over rows then one over columns (each window's count is the product of the two),
     computed here in float64 and rounded once.
     """
-    rows = _area_matrix(size[0], image.shape[0])
-    cols = _area_matrix(size[1], image.shape[1])
-    out = np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols, optimize=True)
-    return out.astype(np.float32)
+    rows = _area_average(np.asarray(image, np.float64), size[0], 0)
+    return _area_average(rows, size[1], 1).astype(np.float32)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float,
@@ -60,7 +61,9 @@ def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float,
                    threshold, plus_one=True, order=np.argsort(scores)[::-1])
 
 
-def _greedy(boxes, scores, groups, overlap, threshold, *, plus_one, order) -> np.ndarray:
+def _greedy(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray | None,
+            overlap: Callable, threshold: float, *, plus_one: bool,
+            order: np.ndarray) -> np.ndarray:
     """Greedy suppression in ``order``; boxes of different ``groups`` never suppress each other."""
     boxes = np.asarray(boxes, np.float32)
     if len(boxes) == 0:
@@ -126,15 +129,23 @@ def _bbreg(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Normalised ``size`` x ``size`` crops of the boxes, truncated to integers and clipped to
-    the image as facenet-pytorch's ``pad`` does (1-based starts, inclusive ends)."""
-    h, w = image.shape[:2]
-    ints = np.trunc(boxes[:, :4]).astype(np.int32)
-    x, y = np.maximum(ints[:, 0], 1), np.maximum(ints[:, 1], 1)
-    ex, ey = np.minimum(ints[:, 2], w), np.minimum(ints[:, 3], h)
-    return np.stack([_normalised(area_resize(image[y0 - 1:y1, x0 - 1:x1], (size, size)))
-                     for x0, y0, x1, y1 in zip(x, y, ex, ey)])
+def _windows(boxes: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel windows (x0, y0, x1, y1; end exclusive) of the boxes, truncated to integers and
+    clipped to the image as facenet-pytorch's ``pad`` does (1-based starts, inclusive ends),
+    and which boxes keep at least one pixel inside the image.
+
+    facenet-pytorch skips a box without one when it crops but keeps it in its box list, which
+    misaligns the two lists; here such a box is dropped."""
+    ints = np.trunc(boxes[:, :4]).astype(np.int64)
+    x0, y0 = np.maximum(ints[:, 0], 1) - 1, np.maximum(ints[:, 1], 1) - 1
+    x1, y1 = np.minimum(ints[:, 2], w), np.minimum(ints[:, 3], h)
+    return np.stack([x0, y0, x1, y1], 1), (x1 > x0) & (y1 > y0)
+
+
+def _crops(image: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
+    """Normalised ``size`` x ``size`` crops of non-empty pixel ``windows``."""
+    return np.stack([_normalised(area_resize(image[y0:y1, x0:x1], (size, size)))
+                     for x0, y0, x1, y1 in windows])
 
 
 def _bucket(n: int) -> int:
@@ -143,7 +154,7 @@ def _bucket(n: int) -> int:
 
 
 class MTCNN:
-    """MTCNN face detection with facenet-pytorch 2.6.0's defaults and arithmetic.
+    """MTCNN face detection with facenet-pytorch 2.6.0's defaults and steps.
 
     ``networks`` maps "pnet", "rnet", "onet" to the Flax networks (``convert/detector.py``
     converts the pretrained files). Call it on an (H, W, 3) RGB image with values 0-255.
@@ -185,28 +196,41 @@ class MTCNN:
 
     def _score(self, network: Callable, image: np.ndarray, boxes: np.ndarray,
                size: int) -> tuple[np.ndarray, ...]:
-        """``network`` on the boxes' crops, in padded batches; outputs trimmed to the boxes."""
-        crops = _crops(image, boxes, size)
+        """The boxes that touch the image, then ``network``'s outputs on their crops (run in
+        padded batches, trimmed to the boxes)."""
+        windows, inside = _windows(boxes, *image.shape[:2])
+        boxes = boxes[inside]
+        if not len(boxes):
+            return (boxes,)
+        crops = _crops(image, windows[inside], size)
         padded = np.zeros((_bucket(len(crops)), size, size, 3), np.float32)
         padded[:len(crops)] = crops
-        return tuple(o[:len(crops)] for o in network(padded))
+        return (boxes, *(o[:len(crops)] for o in network(padded)))
 
     def __call__(self, image: np.ndarray) -> Detections:
         """Faces in an (H, W, 3) RGB image (uint8 or float 0-255)."""
         image = np.asarray(image, np.float32)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"MTCNN takes an (H, W, 3) RGB image, not shape {image.shape}")
         none = Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
                           np.zeros((0, 5, 2), np.float32))
         boxes = self._propose(image)
         if not len(boxes):
             return none
-        offsets, probs = self._score(self.rnet, image, boxes, 24)
+        boxes, *outputs = self._score(self.rnet, image, boxes, 24)
+        if not len(boxes):
+            return none
+        offsets, probs = outputs
         keep = probs[:, 1] > self.thresholds[1]
         boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], 1)
         pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
         boxes = _rerec(_bbreg(boxes[pick], offsets[keep][pick]))
         if not len(boxes):
             return none
-        offsets, points, probs = self._score(self.onet, image, boxes, 48)
+        boxes, *outputs = self._score(self.onet, image, boxes, 48)
+        if not len(boxes):
+            return none
+        offsets, points, probs = outputs
         keep = probs[:, 1] > self.thresholds[2]
         boxes = np.concatenate([boxes[keep, :4], probs[keep, 1:2]], 1)
         points = points[keep]

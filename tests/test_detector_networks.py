@@ -19,8 +19,11 @@ from segface_jax.convert.detector import (  # noqa: E402
     convert_network,
     load_network_file,
     load_networks,
+    load_pretrained,
 )
+from segface_jax.examples import astronaut  # noqa: E402
 from segface_jax.models.mtcnn import max_pool_ceil  # noqa: E402
+from tests.helpers import facenet_data, rel_error  # noqa: E402
 
 # float32 sums of at most 3*3*64 or 1152 products, in another order than torch's: measured
 # max |ours - torch| / max |torch| 2e-7 to 6e-7; the issue's bar for each network is 1e-5
@@ -125,7 +128,7 @@ def test_network_matches_reference(converted, name):
         t = t.numpy()
         t = t.transpose(0, 2, 3, 1) if t.ndim == 4 else t  # P-Net's maps are NCHW in torch
         assert g.shape == t.shape
-        assert float(np.abs(np.asarray(g) - t).max() / np.abs(t).max()) <= TOL
+        assert rel_error(np.asarray(g), t) <= TOL
 
 
 @pytest.mark.parametrize("size,window,stride", [(35, 2, 2), (22, 3, 2), (10, 3, 2), (9, 2, 2),
@@ -164,24 +167,17 @@ def test_unreadable_file_is_one_clear_error(tmp_path):
 def test_released_weights_match_facenet_pytorch():
     """The pretrained files through our converter against facenet-pytorch's own networks, on
     crops of scikit-image's astronaut (measured 1.4e-6 at most, P-Net's probabilities)."""
-    try:
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-    except ImportError:
-        pytest.skip("facenet-pytorch is not installed; it pins torch<2.3, so install it with "
-                    "pip install --no-deps facenet-pytorch==2.6.0")
-    import importlib.resources
+    data = facenet_data()
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
-    import skimage.data
-
-    data = importlib.resources.files("facenet_pytorch") / "data"
-    ours = load_networks({n: convert_network(n, load_network_file(data / f"{n}.pt"))
-                          for n in ("pnet", "rnet", "onet")})
-    img = (skimage.data.astronaut().astype(np.float32) - 127.5) / 128  # facenet's normalisation
+    ours = load_pretrained(data)
+    img = (astronaut().astype(np.float32) - 127.5) / 128  # facenet's normalisation
     crops = {PNet: ("pnet", img[None, :240, :320]), RNet: ("rnet", img[None, 62:86, 181:205]),
              ONet: ("onet", img[None, 62:110, 181:229])}
     for cls, (name, x) in crops.items():
+        x = np.ascontiguousarray(x)
         with torch.no_grad():
-            want = cls().eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-        for g, t in zip(ours[name](np.ascontiguousarray(x)), want):
+            want = cls().eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+        for g, t in zip(ours[name](x), want):
             t = t.numpy().transpose(0, 2, 3, 1) if t.ndim == 4 else t.numpy()
-            assert float(np.abs(np.asarray(g) - t).max() / np.abs(t).max()) <= TOL, name
+            assert rel_error(np.asarray(g), t) <= TOL, name

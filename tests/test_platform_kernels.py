@@ -16,8 +16,9 @@ from segface_jax.models.layers import apply_conv, depthwise_conv, lax_convolutio
 from segface_jax.models.mobilenet_v3 import InvertedResidual
 
 C = 8  # channels of the depthwise conv: its grouped convolution has feature_group_count = C
-# float32 sums of at most 9 * 8 terms of order 1 taken in another order: max |d| / max |ref|
-# measured 8e-8 (outputs) and 5.5e-7 (gradients); tests/test_modules.py uses the same bound.
+# float32 sums of order-1 terms taken in another order (at most 9 * 8 terms in the lax
+# comparisons, 390 in the float64 ones below): max |d| / max |ref| measured 8e-8 (outputs) and
+# 5.5e-7 (gradients); tests/test_modules.py uses the same bound.
 TOL = 2e-6
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -151,3 +152,13 @@ def test_depthwise_gradients_match_float64(k, stride):
     # below 1e-6 of the largest entry; a wrong tap or offset is off by order 1
     assert _rel(dx, want_dx) <= TOL
     assert _rel(dk, want_dk) <= TOL
+    # bfloat16 activations with a float32 kernel: each gradient keeps its input's dtype
+    dx, dk = jax.grad(lambda x, kernel: jnp.vdot(depthwise_conv(
+        x, kernel, None, impl="slices", stride=stride).astype(jnp.float32), g), (0, 1))(
+        jnp.asarray(x, jnp.bfloat16), kernel)
+    assert (dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.float32)
+
+
+def test_depthwise_refuses_even_kernels():
+    with pytest.raises(ValueError, match="odd kernel size"):
+        depthwise_conv(jnp.zeros((1, 8, 8, C)), jnp.zeros((2, 2, C)), None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -97,35 +96,37 @@ def _shifted_sum(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarra
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_slices(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-    """``_shifted_sum`` with a backward pass written for XLA:CPU (``_depthwise_slices_bwd``)."""
-    return _shifted_sum(x, kernel, stride)
+@jax.custom_vjp
+def _depthwise_slices(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """Stride-1 ``_shifted_sum`` with a backward pass written for XLA:CPU
+    (``_depthwise_slices_bwd``)."""
+    return _shifted_sum(x, kernel, 1)
 
 
-def _depthwise_slices_fwd(x, kernel, stride):
-    return _shifted_sum(x, kernel, stride), (x, kernel)
+def _depthwise_slices_fwd(x: jnp.ndarray, kernel: jnp.ndarray
+                          ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    """The forward pass, keeping only the input and the kernel for the backward."""
+    return _shifted_sum(x, kernel, 1), (x, kernel)
 
 
-def _depthwise_slices_bwd(stride, residuals, g):
-    """The gradients of ``_shifted_sum`` in a few fused passes instead of autodiff's 2 k*k.
+def _depthwise_slices_bwd(residuals: tuple[jnp.ndarray, jnp.ndarray],
+                          g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The gradients of a stride-1 ``_shifted_sum`` in a few fused passes instead of
+    autodiff's 2 k*k.
 
-    With the output gradient ``g`` spread back onto the input grid (zeros between strided
-    positions), the input gradient is the same shifted sum with the kernel flipped, one fused
+    The input gradient is the same shifted sum of ``g`` with the kernel flipped, one fused
     loop. The kernel gradient, dK[i, j, c] = sum over b, h, w of xpad[b, h + i, w + j, c] *
-    g[b, h, w, c], is one batched contraction of k row-shifted copies of the padded input with k
-    column-shifted copies of ``g`` over each image row (w), in float32, then a sum over the rows:
-    autodiff's k*k full-image reductions cost ~3x more at ConvNeXt's 7x7 shapes
-    (bench/depthwise.py). Summing per row first keeps the rounding well below torch's own
-    (tests/test_modules.py).
+    g[b, h, w, c], is one batched contraction (channel-major) of k row-shifted copies of the
+    padded input with k column-shifted copies of ``g`` over each image row (w), in float32,
+    then a sum over the rows: autodiff's k*k full-image reductions take 2.4x as long at
+    ConvNeXt's 7x7 shapes (bench/depthwise.py). Summing per row first keeps the rounding far
+    below torch's own (tests/test_platform_kernels.py checks it against float64).
     """
     x, kernel = residuals
     k = kernel.shape[0]
     p = (k - 1) // 2
     b, h, w, c = x.shape
-    if stride > 1:
-        g = jnp.zeros((b, h, w, c), g.dtype).at[:, ::stride, ::stride].set(g)
-    dx = _shifted_sum(g, kernel[::-1, ::-1], 1)
+    dx = _shifted_sum(g, kernel[::-1, ::-1], 1).astype(x.dtype)
     # channel-major, so the contraction below is a plain batched matmul over (b, c, h)
     xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).transpose(0, 3, 1, 2)
     gp = jnp.pad(g.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (0, 0), (2 * p, 2 * p)))
@@ -152,11 +153,13 @@ def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
     """
     k = kernel.shape[0]
     p = (k - 1) // 2
+    if k % 2 == 0:
+        raise ValueError(f"depthwise_conv needs an odd kernel size (symmetric padding), not {k}")
 
     def slices(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-        if stride == 1:
-            return _depthwise_slices(x, kernel, stride)
-        return _shifted_sum(x, kernel, stride)
+        # strided layers keep autodiff's backward: spreading the gradient onto the input grid
+        # for the hand-written one made them slower (bench/depthwise.py)
+        return _depthwise_slices(x, kernel) if stride == 1 else _shifted_sum(x, kernel, stride)
 
     def grouped(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
         return jax.lax.conv_general_dilated(

@@ -19,7 +19,7 @@ from flax import nnx
 class PReLU(nnx.Module):
     """torch ``nn.PReLU(C)``: x where x >= 0, weight * x elsewhere, one weight per channel."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, channels: int):
         self.weight = nnx.Param(jnp.full((channels,), 0.25, jnp.float32))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
