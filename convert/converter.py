@@ -54,11 +54,9 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The model tensors of a release ``.pt`` file, loaded with ``weights_only=True`` only.
-
-    Accepts the release format (a dict with ``state_dict_backbone``) or a bare state_dict.
-    """
+def torch_load(path: str | os.PathLike, source: str) -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is one ``ConversionError`` naming
+    the file and ``source``, where a good copy comes from."""
     import torch
 
     path = Path(path)
@@ -67,7 +65,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols mean nothing here
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         detail = re.search(r"Trying to [^\n]*?(?:blocked|allowed)\.?|Unsupported [^\n]*", text)
@@ -75,22 +73,41 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if "GLOBAL" in text or "Trying to" in text:  # the pickle names code to import or call
             raise ConversionError(
                 f"{path}: refused to load: the file asks to import or call Python code, which a "
-                f"safe (weights_only) load never runs ({detail}). Use the original "
-                "model_299.pt from kartiknarayan/SegFace.") from None
+                f"safe (weights_only) load never runs ({detail}). Use {source}.") from None
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({detail}). "
-                              "Download model_299.pt again.") from None
+                              f"Download it again: {source}.") from None
     except Exception as e:  # noqa: BLE001 - garbage bytes drive the unpickler into any error
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{first}). Download model_299.pt again.") from None
-    state = obj.get("state_dict_backbone", obj) if isinstance(obj, Mapping) else None
+                              f"{first}). Download it again: {source}.") from None
+
+
+def tensors_as_numpy(state: Any) -> dict[str, np.ndarray] | None:
+    """A state_dict of torch tensors as NumPy arrays (floats as float32), or None when
+    ``state`` is not a non-empty mapping of names to tensors."""
+    import torch
+
     if not isinstance(state, Mapping) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return None
+    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).numpy()
+            for k, v in state.items()}
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The model tensors of a release ``.pt`` file, loaded with ``weights_only=True`` only.
+
+    Accepts the release format (a dict with ``state_dict_backbone``) or a bare state_dict.
+    """
+    path = Path(path)
+    obj = torch_load(path, "the original model_299.pt from kartiknarayan/SegFace")
+    state = tensors_as_numpy(obj.get("state_dict_backbone", obj)
+                             if isinstance(obj, Mapping) else None)
+    if state is None:
         raise ConversionError(
             f"{path}: not a SegFace checkpoint: expected a dict with 'state_dict_backbone' "
             "(a state_dict of tensors), as in the release files model_299.pt")
-    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).numpy()
-            for k, v in state.items()}
+    return state
 
 
 _TOKEN = re.compile(r"face_decoder\.(\w+)_token\.weight")

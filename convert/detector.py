@@ -8,8 +8,6 @@ differs and every tensor that is not finite.
 from __future__ import annotations
 
 import os
-import pickle
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +16,12 @@ import numpy as np
 from flax import nnx
 
 from segface_jax.checkpoint import fill_module, flat_state
-from segface_jax.convert.converter import ConversionError, map_state_dict
+from segface_jax.convert.converter import (
+    ConversionError,
+    map_state_dict,
+    tensors_as_numpy,
+    torch_load,
+)
 from segface_jax.convert.rules import Family, Rule, conv, linear
 from segface_jax.models.mtcnn import NETWORKS
 
@@ -47,24 +50,12 @@ def convert_network(name: str, state: Mapping[str, np.ndarray]) -> dict[str, np.
 
 def load_network_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A facenet-pytorch network file's tensors, loaded with ``weights_only=True`` only."""
-    import torch
-
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ConversionError(f"{path}: not a readable PyTorch state_dict ({first}). Take the "
-                              "file again from facenet-pytorch 2.6.0's wheel (facenet_pytorch/"
-                              "data/).") from None
-    if not isinstance(state, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    state = tensors_as_numpy(torch_load(path, "facenet-pytorch 2.6.0's wheel "
+                                              "(facenet_pytorch/data/)"))
+    if state is None:
         raise ConversionError(f"{path}: not an MTCNN state_dict (a dict of tensors)")
-    return {k: v.detach().float().numpy() for k, v in state.items()}
+    return state
 
 
 def load_pretrained(folder: str | os.PathLike) -> dict[str, nnx.Module]:

@@ -158,7 +158,7 @@ def test_converter_names_every_problem(converted):
 def test_unreadable_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "pnet.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConversionError, match=r"pnet\.pt: not a readable PyTorch state_dict"):
+    with pytest.raises(ConversionError, match=r"pnet\.pt: not a readable PyTorch checkpoint"):
         load_network_file(bad)
     with pytest.raises(ConversionError, match="no such file"):
         load_network_file(tmp_path / "onet.pt")
