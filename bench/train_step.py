@@ -56,8 +56,10 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
                                  needs_landmarks=v.needs_landmarks)
     b = {"image": images, "label": labels, "landmarks": np.zeros((batch, 5, 2), np.float32)}
     lowered = train.lower(state, b)
+    # the model's FLOPs from the lowered program: after compilation, GPU matmuls and
+    # convolutions are library calls that the compiled program's cost analysis does not count
+    flops = (lowered.cost_analysis() or {}).get("flops")
     compiled = lowered.compile()  # timed below as it is: nothing compiles twice
-    flops = (compiled.cost_analysis() or {}).get("flops")
     times = []
     for i in range(runs + 2):
         t0 = time.perf_counter()
@@ -73,10 +75,11 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
 
 
 def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
-               compiled: bool = False):
+               compiled: bool = False, dtype: str = "float32"):
     """Upstream's training step on the PyTorch reference (``pt``'s weights, or torch's random
-    init), ready to call: forward (eager, or the model under ``torch.compile``), 0.5 CE +
-    0.5 Dice, backward, ``torch.optim.AdamW``."""
+    init), ready to call: forward (eager, or the model under ``torch.compile``; under
+    ``torch.autocast`` when ``dtype`` is bfloat16), 0.5 CE + 0.5 Dice, backward,
+    ``torch.optim.AdamW``."""
     import numpy as np
     import torch
 
@@ -107,7 +110,9 @@ def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
 
     def step() -> None:
         opt.zero_grad()
-        logits = forward(x, lm)
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype != "float32"):
+            logits = forward(x, lm)
+        logits = logits.float()
         loss = 0.5 * torch.nn.functional.cross_entropy(logits, y) + 0.5 * dice(logits)
         loss.backward()
         opt.step()
@@ -118,12 +123,12 @@ def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
 
 
 def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
-                 compiled: bool = False) -> dict:
+                 compiled: bool = False, dtype: str = "float32") -> dict:
     """Time upstream's step (``torch_step``), eager or under ``torch.compile`` (inductor; the
     warm-up steps compile)."""
     import torch
 
-    step = torch_step(variant, batch, device, pt, compiled)
+    step = torch_step(variant, batch, device, pt, compiled, dtype)
     times = []
     for i in range(runs + 2):
         t0 = time.perf_counter()
@@ -134,32 +139,53 @@ def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
     return {"s": statistics.median(times), "peak_mb": peak}
 
 
-def run_worker(script: str, args: list[str]) -> dict:
-    """Run ``script --worker ...`` in a fresh process; its last stdout line is JSON."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def run_worker(script: str, args: list[str], timeout: float | None = None) -> dict:
+    """Run ``script --worker ...`` in a fresh process; its last stdout line is JSON. Raises
+    RuntimeError (its last error line) when the worker fails or outlasts ``timeout`` seconds."""
+    try:
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"over {timeout:.0f} s") from None
     if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
+        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RuntimeError(lines[-1][-160:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _run(args: list[str]) -> dict:
-    return run_worker(__file__, args)
+def _cell(r: dict, fmt: str, key: str = "s") -> str:
+    """A table cell: ``r[key]`` formatted, or '-' for a failed measurement."""
+    return "-" if "error" in r or r.get(key) is None else format(r[key], fmt)
+
+
+def _ratio(a: dict, b: dict) -> str:
+    """b's time over a's ('1.20x': a is 1.2 times faster), or '-' where either failed."""
+    return "-" if "error" in a or "error" in b else f"{b['s'] / a['s']:.2f}x"
 
 
 def main() -> None:
     """Prepare seeded checkpoints, run every measurement in its own process, print a table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[2])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--torch-device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="JAX compute dtype (parameters stay float32; torch runs float32)")
+                   help="compute dtype (parameters stay float32); torch runs bfloat16 under "
+                        "torch.autocast")
     p.add_argument("--torch-compile", action="store_true",
                    help="add a torch.compile (inductor) column; compiling takes minutes")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak at --dtype (CPU: e.g. 0.157 for 2 AVX2 cores), "
-                        "for the share of peak each side reaches")
+                        "for the share of peak each side reaches (MFU)")
+    p.add_argument("--checkpoints", default=None,
+                   help="folder that keeps the seeded checkpoints between runs (default: a "
+                        "temporary folder)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds each measurement may take; one that outlasts it shows '-'")
+    p.add_argument("--skip", nargs="+", choices=["jax", "torch"], default=[],
+                   help="leave these columns out (e.g. a torch.compile run on its own)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -168,54 +194,80 @@ def main() -> None:
             out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
         else:
             out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4],
-                               compiled=kind == "torch-compile")
+                               compiled=kind == "torch-compile", dtype=rest[5])
         print(json.dumps(out))
         return
 
+    torch_kinds = ["torch", "torch-compile"] if args.torch_compile else ["torch"]
+    gpu = args.torch_device != "cpu"
+    print(f"Compute dtype {args.dtype} on both sides (parameters float32; torch under "
+          f"torch.autocast for bfloat16). GFLOP/step from XLA's cost analysis; each side's "
+          f"GFLOP/s is that over its own step time; '-' is a failed or timed-out run.")
+    head = ("| variant | batch | JAX s/step | torch eager s/step | JAX speed vs eager |"
+            + (" torch.compile s/step | JAX vs compile |" if args.torch_compile else "")
+            + " JAX img/s | GFLOP/step | JAX GFLOP/s | torch GFLOP/s |"
+            + (" JAX MFU | torch MFU |" if args.peak_tflops else "")
+            + (" JAX peak MiB | torch peak MiB |" if gpu else ""))
+    print("\n" + head + "\n|---|---:" + "|---:" * (head.count("|") - 3) + "|", flush=True)
+    with tempfile.TemporaryDirectory(prefix="segface-bench-train-") as tmp:
+        folder = Path(args.checkpoints or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.variants:
+            pt, converted = _checkpoints(name, folder)
+            for batch in args.batch:
+                j = _run(["--worker", "jax", str(converted), str(batch), str(args.runs),
+                          args.dtype], args.timeout, "jax" in args.skip)
+                t = [_run(["--worker", kind, str(pt), name, str(batch), str(args.runs),
+                           args.torch_device, args.dtype], args.timeout, kind in args.skip)
+                     for kind in torch_kinds]
+                print(_row(name, batch, j, t, args, gpu), flush=True)
+                for who, r in zip(["JAX", *torch_kinds], [j, *t]):
+                    if "error" in r and r["error"] != SKIPPED:
+                        print(f"  ({name} batch {batch}, {who}: {r['error']})", flush=True)
+
+
+def _checkpoints(name: str, folder: Path) -> tuple[Path, Path]:
+    """The seeded release-format ``.pt`` of ``name`` and its conversion, made once in
+    ``folder``."""
     from segface_jax.convert.converter import convert_checkpoint
     from segface_jax.convert.parity import seeded_release
     from segface_jax.variants import get_variant
 
-    torch_kinds = ["torch", "torch-compile"] if args.torch_compile else ["torch"]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="segface-bench-train-") as tmp:
-        for name in args.variants:
-            v = get_variant(name)
-            pt = seeded_release(v, tmp)
-            convert_checkpoint(pt, Path(tmp) / name, name, overwrite=True)
-            j = _run(["--worker", "jax", str(Path(tmp) / name), str(args.batch),
-                      str(args.runs), args.dtype])
-            t = [_run(["--worker", kind, str(pt), name, str(args.batch), str(args.runs),
-                       args.torch_device]) for kind in torch_kinds]
-            rows.append((name, j, t))
-            print(f"{name}: JAX {j['s']:.2f} s/step, "
-                  + ", ".join(f"{k} {r['s']:.2f} s/step" for k, r in zip(torch_kinds, t)),
-                  flush=True)
-    print(f"\nJAX computes in {args.dtype}, torch in float32; {j['device']}; GFLOP/s is the "
-          "step's FLOPs (XLA cost analysis) per second of each side")
-    compile_head = " torch.compile s/step | JAX vs compile |" if args.torch_compile else ""
-    peak_head = " JAX % of peak | torch % of peak |" if args.peak_tflops else ""
-    gpu = args.torch_device != "cpu"
-    mem_head = " JAX peak MiB | torch peak MiB |" if gpu else ""
-    print(f"\n| variant | batch | JAX s/step | torch eager s/step | JAX speed vs eager |"
-          f"{compile_head} JAX img/s | GFLOP/step | JAX GFLOP/s | torch GFLOP/s |"
-          f"{peak_head}{mem_head}")
-    print("|---|---:" + "|---:" * (7 + 2 * args.torch_compile + 2 * bool(args.peak_tflops)
-                                   + 2 * gpu) + "|")
-    for name, j, t in rows:
-        flops = j["flops"] or float("nan")
-        cells = [name, args.batch, f"{j['s']:.2f}", f"{t[0]['s']:.2f}",
-                 f"{t[0]['s'] / j['s']:.2f}x"]
-        if args.torch_compile:
-            cells += [f"{t[1]['s']:.2f}", f"{t[1]['s'] / j['s']:.2f}x"]
-        cells += [f"{args.batch / j['s']:.2f}", f"{flops / 1e9:.0f}",
-                  f"{flops / j['s'] / 1e9:.0f}", f"{flops / t[0]['s'] / 1e9:.0f}"]
-        if args.peak_tflops:
-            cells += [f"{100 * flops / s / (args.peak_tflops * 1e12):.0f}%"
-                      for s in (j["s"], t[0]["s"])]
-        if gpu:
-            cells += [f"{j['peak_mb']:.0f}", f"{t[0]['peak_mb']:.0f}"]
-        print("| " + " | ".join(map(str, cells)) + " |")
+    converted, pt = folder / name, folder / f"{name}_seed0.pt"
+    if not pt.exists():
+        seeded_release(get_variant(name), folder)
+    if not converted.exists():
+        convert_checkpoint(pt, converted, name, overwrite=True)
+    return pt, converted
+
+
+def _row(name: str, batch: int, j: dict, t: list[dict], args, gpu: bool) -> str:
+    """One table row of a (variant, batch) measurement."""
+    flops = j.get("flops") or float("nan")
+    cells = [name, batch, _cell(j, ".3f"), _cell(t[0], ".3f"), _ratio(j, t[0])]
+    if args.torch_compile:
+        cells += [_cell(t[1], ".3f"), _ratio(j, t[1])]
+    per_s = [flops / r["s"] if "error" not in r else float("nan") for r in (j, t[0])]
+    cells += [_cell({"v": batch / j["s"]} if "s" in j else j, ".1f", "v"),
+              f"{flops / 1e9:.0f}", f"{per_s[0] / 1e9:.0f}", f"{per_s[1] / 1e9:.0f}"]
+    if args.peak_tflops:
+        cells += [f"{100 * f / (args.peak_tflops * 1e12):.0f}%" for f in per_s]
+    if gpu:
+        cells += [_cell(j, ".0f", "peak_mb"), _cell(t[0], ".0f", "peak_mb")]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+SKIPPED = "skipped"
+
+
+def _run(args: list[str], timeout: float | None = None, skip: bool = False) -> dict:
+    """One measurement's result, or ``{"error": why}`` so the table goes on without it."""
+    if skip:
+        return {"error": SKIPPED}
+    try:
+        return run_worker(__file__, args, timeout)
+    except RuntimeError as e:
+        return {"error": str(e)}
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_tiny_recipe_trains_logs_and_refuses_nan(tmp_path, lapa_root):
 @pytest.mark.slow
 def test_profile_trace_and_throughput_records(tmp_path, lapa_root):
     """``profile_steps=1`` leaves a profiler trace in WORKDIR/profile; train records carry
-    images/s, the compiled step's FLOPs and, given a peak, model FLOPs utilisation."""
+    images/s, the step's FLOPs and, given a peak, model FLOPs utilisation."""
     import jax
     from etils import epath
 
@@ -125,6 +125,27 @@ def test_profile_trace_and_throughput_records(tmp_path, lapa_root):
         # peak of the devices, 1 GFLOP/s each (float rounding only: rel 1e-9)
         assert r["mfu"] == pytest.approx(r["flops_per_step"] * r["images_per_s"] / 8
                                          / (jax.device_count() * 1e9), rel=1e-9)
+
+
+def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
+    """MFU's FLOPs come from the lowered, global program: a (64, 128) x (128, 256) product
+    whose rows are split over 8 devices is 2*64*128*256 FLOPs per step, not one device's
+    share. (Why the lowered program: on a GPU the compiled one hands matmuls to cuBLAS, whose
+    FLOPs its analysis misses; that needs a GPU to show, see README's H200 figures.) Bar: the
+    count may add the sum's 64*256 additions and nothing more (exact integers)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from segface_jax.train import perf
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((128, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
+    lowered = jax.jit(lambda x, w: (x @ w).sum()).lower(x, w)
+    matmul = 2 * 64 * 128 * 256
+    assert matmul <= perf.step_flops(lowered) <= matmul + 64 * 256
 
 
 def test_config_checks_remat_and_accumulation(tmp_path, lapa_root):

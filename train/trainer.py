@@ -202,9 +202,10 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
     batches = prefetch_to_device(run.batches, NamedSharding(run.mesh, P("data")), _BATCH_KEYS)
     first = next(batches)
     # compiled once here and called directly below, so the loop never compiles again
-    compiled = run.train_step.lower(status.latest.state, first[0]).compile()
+    lowered = run.train_step.lower(status.latest.state, first[0])
+    compiled = lowered.compile()
     peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.dtype, cfg.peak_tflops)
-    meter = perf.Throughput(cfg.global_batch, perf.step_flops(compiled), peak,
+    meter = perf.Throughput(cfg.global_batch, perf.step_flops(lowered), peak,
                             status.latest.step)
     val_every = cfg.eval_every_epochs * run.steps_per_epoch
     with perf.ProfileWindow(run.workdir / "profile", profile_steps,
