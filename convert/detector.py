@@ -11,11 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
-from segface_jax.checkpoint import fill_module, flat_state
+from segface_jax.checkpoint import flat_state
 from segface_jax.convert.converter import (
     ConversionError,
     map_state_dict,
@@ -24,6 +23,7 @@ from segface_jax.convert.converter import (
 )
 from segface_jax.convert.rules import Family, Rule, conv, linear
 from segface_jax.models.mtcnn import NETWORKS
+from segface_jax.mtcnn import networks_from_arrays
 
 # facenet-pytorch's module names are the Flax attribute names (segface_jax/models/mtcnn.py)
 RULES = [
@@ -68,6 +68,4 @@ def load_pretrained(folder: str | os.PathLike) -> dict[str, nnx.Module]:
 
 def load_networks(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, nnx.Module]:
     """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
-    return {name: fill_module(NETWORKS[name](rngs=nnx.Rngs(0)),
-                              jax.tree.map(np.asarray, dict(arrays[name])))
-            for name in NETWORKS}
+    return networks_from_arrays(arrays)

@@ -234,15 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="segface-out", help="output folder (default: segface-out)")
     r.add_argument("--landmarks", help="JSON {image: [[x, y], ...]} (5, 68 or 106 points), a "
                    "folder of <stem>.txt files, or one .txt for a single image")
+    r.add_argument("--faces", choices=["all", "largest", "none"], default="all",
+                   help="find faces (MTCNN, facenet-pytorch 2.6.0's weights) and parse each, "
+                   "aligned as the model's training faces were, or only the largest; none: "
+                   "parse the whole image as given (default: all)")
+    r.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average each face's probabilities with its mirror image's (left "
+                   "and right classes swapped back); twice the compute (default: none)")
     r.add_argument("--detect-landmarks", action="store_true",
-                   help="LaPa: find the 5 points with MediaPipe for images without landmarks "
-                   "(pip install 'segface-jax[detect]')")
+                   help="find faces with MediaPipe instead (one face per image); with --faces "
+                   "none, LaPa's 5 points (pip install 'segface-jax[detect]')")
     r.add_argument("--batch-size", type=int, default=None, help="images per forward pass, "
                    "compiled once per power of two up to it (default: 1 on CPU, 8 on GPU/TPU)")
     r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (parameters stay float32)")
-    r.add_argument("--save", default="labels,overlay,json",
-                   help="outputs: any of labels,overlay,probs,json (default labels,overlay,json)")
+    r.add_argument("--save", default=None,
+                   help="outputs: any of labels,instances,overlay,probs,json (default "
+                   "labels,instances,overlay,json; instances only with --faces all|largest)")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     r.add_argument("--skip-existing", action="store_true",
                    help="leave inputs whose outputs all exist (resume an interrupted run)")

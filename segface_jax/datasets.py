@@ -59,12 +59,27 @@ class Dataset:
     crops_to_face: bool = False  # models see the box of the 68 landmarks
     affine_augment: bool = False  # training applies upstream's random affine
     landmark_scale: float = 1.0  # stored landmarks x this = image pixels
+    face_frame: str = "celebahq"  # how a detected face is cut out of a photo (faces.FRAMES)
     merged_f1: tuple[tuple[str, tuple[str, ...]], ...] = ()  # extra F1s: (region, its classes)
 
     @property
     def palette(self) -> tuple[tuple[int, int, int], ...]:
         """One RGB colour per class, in class order."""
         return tuple(COLOURS[c] for c in self.classes)
+
+    @property
+    def mirrored_classes(self) -> tuple[int, ...]:
+        """For each class, the class it becomes in the mirror image (left and right parts
+        swapped: ``leftbro`` <-> ``rightbro``, ...; the rest stay)."""
+        index = {name: i for i, name in enumerate(self.classes)}
+
+        def mirror(name: str) -> str:
+            for a, b in (("left", "right"), ("right", "left")):
+                if name.startswith(a) and (b + name[len(a):]) in index:
+                    return b + name[len(a):]
+            return name
+
+        return tuple(index[mirror(name)] for name in self.classes)
 
     @property
     def uses_landmarks(self) -> bool:
@@ -75,11 +90,12 @@ class Dataset:
 CELEBAMASK_HQ = Dataset("celebamask_hq", "CelebAMask-HQ", CELEBAMASK_HQ_CLASSES,
                         ("train", "val", "test"), val_split="val")
 LAPA = Dataset("lapa", "LaPa", LAPA_CLASSES, ("train", "val", "test"), val_split="val",
-               aligns=True, affine_augment=True)
+               aligns=True, affine_augment=True, face_frame="lapa")
 HELEN = Dataset(
     "helen", "Helen", HELEN_CLASSES, ("train", "test"),
     val_split="test",  # Helen has no validation split; upstream validates on test
     crops_to_face=True,
+    face_frame="helen",
     landmark_scale=0.5,  # landmarks.txt is at twice the image scale
     merged_f1=(
         ("eyes", ("lefteye", "righteye")),

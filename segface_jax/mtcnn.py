@@ -11,11 +11,16 @@ difference of about 1e-6 of the pixel range. The networks are ``segface_jax.mode
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+
+from segface_jax.models.mtcnn import NETWORKS
 
 
 def _area_average(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
@@ -244,3 +249,78 @@ class MTCNN:
         boxes, landmarks = boxes[pick], landmarks[pick]
         order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
         return Detections(boxes[order, :4], boxes[order, 4], landmarks[order])
+
+
+WEIGHTS_SOURCE = "facenet-pytorch 2.6.0"
+INSTALL_HINT = ("pip install --no-deps facenet-pytorch==2.6.0 (its wheel carries MTCNN's "
+                "pretrained pnet.pt, rnet.pt and onet.pt, MIT licence; --no-deps because it "
+                "pins torch<2.3), with torch installed for the one-time conversion")
+
+
+class DetectorWeightsError(RuntimeError):
+    """The pretrained detector weights are neither in the cache nor installed."""
+
+
+def weights_file(cache: str | os.PathLike | None = None) -> Path:
+    """Where the converted MTCNN weights live: ``<segface-jax cache>/mtcnn/facenet-pytorch-2.6.0
+    .npz``."""
+    from segface_jax.hub import cache_dir
+
+    return Path(cache or cache_dir()) / "mtcnn" / "facenet-pytorch-2.6.0.npz"
+
+
+def facenet_data() -> Path:
+    """facenet-pytorch's folder of pretrained MTCNN files, or ``DetectorWeightsError``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorWeightsError(f"the face detector's weights are not converted yet and "
+                                   f"{WEIGHTS_SOURCE} is not installed: {INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def networks_from_arrays(arrays: Mapping[str, Mapping[str, np.ndarray]]
+                         ) -> dict[str, nnx.Module]:
+    """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
+    from segface_jax.checkpoint import fill_module
+
+    return {name: fill_module(NETWORKS[name](rngs=nnx.Rngs(0)), dict(arrays[name]))
+            for name in NETWORKS}
+
+
+def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:
+    """MTCNN with facenet-pytorch 2.6.0's pretrained weights, converted once into the cache
+    (that needs torch and the package; later runs need neither). ``options`` go to ``MTCNN``."""
+    from segface_jax.checkpoint import CheckpointError
+    from segface_jax.files import atomic_write
+
+    path = weights_file(cache)
+    if not path.exists():
+        folder = facenet_data()
+        try:
+            from segface_jax.convert.detector import convert_network, load_network_file
+        except ImportError as e:
+            raise DetectorWeightsError(f"converting the face detector's weights from {folder} "
+                                       f"needs torch ({e}); install it once, or copy a "
+                                       f"converted {path.name} from another machine to "
+                                       f"{path}") from None
+        flat = {f"{name}/{key}": value for name in NETWORKS for key, value in
+                convert_network(name, load_network_file(folder / f"{name}.pt")).items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        def write(target: Path) -> None:
+            with open(target, "wb") as f:  # a handle: np.savez would append ".npz" to a name
+                np.savez(f, **flat)
+
+        atomic_write(path, write)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays: dict[str, dict[str, np.ndarray]] = {name: {} for name in NETWORKS}
+            for key in data.files:
+                name, _, leaf = key.partition("/")
+                arrays.setdefault(name, {})[leaf] = data[key]
+        return MTCNN(networks_from_arrays(arrays), **options)
+    except (OSError, EOFError, ValueError, KeyError, CheckpointError) as e:
+        raise DetectorWeightsError(f"{path}: the converted detector weights are unreadable "
+                                   f"({e}); delete the file and run again to reconvert them "
+                                   f"from {WEIGHTS_SOURCE}") from None

@@ -30,10 +30,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from segface_jax import faces as faces_lib
 from segface_jax import landmarks as lmk
 from segface_jax import postprocess, preprocess
 from segface_jax.align import standard_landmarks
 from segface_jax.checkpoint import CheckpointError
+from segface_jax.faces import Face
 from segface_jax.runtime import LoadedModel
 from segface_jax.variants import VARIANTS, Variant
 
@@ -72,6 +74,9 @@ class ImageResult:
     probabilities: np.ndarray | None = None  # (H, W, C) float32
     landmarks: np.ndarray | None = None  # (5, 2) pixel points used to align, if any
     crop_box: tuple[int, int, int, int] | None = None  # Helen crop (x1, y1, x2, y2), if any
+    faces: list[Face] | None = None  # per-face parsing: the faces, numbered 1, 2, ... below
+    instances: np.ndarray | None = None  # (H, W) uint8 face number per pixel (0 = none)
+    note: str | None = None  # e.g. "no face found": parsed, with nothing to report
     error: str | None = None  # why this input was not parsed
     exception: Exception | None = dataclasses.field(default=None, repr=False)
 
@@ -88,13 +93,18 @@ class ParseResult:
     palette: tuple[tuple[int, int, int], ...]
     images: list[np.ndarray]
     sources: list[str]
+    faces: list[list[Face] | None] = dataclasses.field(default_factory=list)
+    instances: list[np.ndarray | None] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def overlay(self, i: int, alpha: float = 0.5) -> np.ndarray:
-        """(H, W, 3) uint8 image ``i`` with its classes coloured (background left as is)."""
-        return preprocess.overlay(self.images[i], self.labels[i], self.palette, alpha)
+        """(H, W, 3) uint8 image ``i`` with its classes coloured (background left as is) and,
+        with per-face parsing, each face's box, number and landmarks drawn."""
+        over = preprocess.overlay(self.images[i], self.labels[i], self.palette, alpha)
+        faces = self.faces[i] if i < len(self.faces) else None
+        return faces_lib.draw(over, faces) if faces else over
 
     def areas(self, i: int) -> dict[str, dict[str, float]]:
         """Pixel count and fraction of every class in image ``i``."""
@@ -102,12 +112,57 @@ class ParseResult:
 
 
 @dataclasses.dataclass
+class _FaceGroup:
+    """The faces of one image, collected as their batches finish."""
+
+    frames: list[faces_lib.Frame]
+    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class _ModelInput:
-    """An image decoded, cropped, resized and normalised, waiting for its batch."""
+    """An image (or one face of it) decoded, cropped, resized and normalised, waiting for its
+    batch."""
 
     item: ImageResult
     x: np.ndarray  # (R, R, 3) float32 normalised
     lm: np.ndarray | None  # (5, 2) at model resolution, LaPa only
+    group: _FaceGroup | None = None  # per-face parsing: this image's faces
+    face: int = 0  # which of them
+
+
+FACE_MODES = ("all", "largest", "none")
+TTA_MODES = ("none", "flip")
+
+
+def mirror_landmarks(points: np.ndarray, resolution: int) -> np.ndarray:
+    """(..., 5, 2) pixel landmarks of an R-wide image -> those of its mirror image: x becomes
+    R - 1 - x (pixel centres at integers), and left and right eyes and mouth corners swap."""
+    flipped = np.asarray(points, np.float32).copy()
+    flipped[..., 0] = resolution - 1 - flipped[..., 0]
+    return flipped[..., [1, 0, 2, 4, 3], :]
+
+
+@jax.jit
+def _flip_average(logits: jax.Array, mirrored: jax.Array, mirror: jax.Array) -> jax.Array:
+    """Flip test-time augmentation: the log of the mean of the image's probabilities and its
+    mirror image's, mirrored back with left and right classes swapped (float32)."""
+    p = jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
+    q = jax.nn.softmax(mirrored.astype(jax.numpy.float32), axis=-1)[:, :, ::-1]
+    return jax.numpy.log((p + q[..., mirror]) / 2)
+
+
+def faces_found(found: Any) -> list[Face]:
+    """A detector's answer as faces, largest first: ``Detections`` (or anything with boxes,
+    scores and landmarks), 5 points for one face, or None for none."""
+    if found is None:
+        return []
+    if hasattr(found, "boxes"):
+        out = [Face(np.asarray(b, np.float32), float(s), np.asarray(lm, np.float32))
+               for b, s, lm in zip(found.boxes, found.scores, found.landmarks)]
+    else:
+        out = [Face.from_landmarks(lmk.to_five(found, "the detector's landmarks"))]
+    return sorted(out, key=lambda f: -float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
 
 
 def _batch_buckets(batch_size: int) -> list[int]:
@@ -123,7 +178,12 @@ class FaceParser:
 
     def __init__(self, model: LoadedModel, batch_size: int | None = None, num_threads: int = 4,
                  notify: Callable[[str], None] | None = None,
-                 detector: Callable[[np.ndarray], Any] | None = None):
+                 detector: Callable[[np.ndarray], Any] | None = None, faces: str = "all",
+                 tta: str = "none"):
+        if faces not in FACE_MODES:
+            raise ValueError(f"faces must be one of {', '.join(FACE_MODES)}, not {faces!r}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {tta!r}")
         if batch_size is None:  # measured: on CPU, batch 1 has the best throughput (README)
             batch_size = 1 if jax.default_backend() == "cpu" else 8
         if batch_size < 1:
@@ -135,9 +195,15 @@ class FaceParser:
         self.num_threads = max(1, num_threads)
         self._notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
         self._said_no_landmarks = False
-        # LaPa: landmarks for images given without any (see segface_jax.detect); called under a
-        # lock because detectors are rarely thread-safe
+        # With faces "all" or "largest", every face the detector finds is cut out the way the
+        # model's training faces were and parsed (segface_jax.faces); with "none", the whole
+        # image is parsed and a detector only finds LaPa's landmarks. Called under a lock
+        # because detectors are rarely thread-safe.
         self.detector = detector
+        self.faces = faces if detector is not None else "none"
+        # tta="flip": every input is also parsed mirrored, and the two are averaged
+        self.tta = tta
+        self._mirror = np.asarray(self.variant.data.mirrored_classes, np.int32)
         self._detector_lock = threading.Lock()
 
     @classmethod
@@ -146,17 +212,31 @@ class FaceParser:
                         revision: str | None = None, batch_size: int | None = None,
                         compilation_cache: bool = True, quiet: bool = False,
                         notify: Callable[[str], None] | None = None,
-                        detector: Callable[[np.ndarray], Any] | None = None) -> FaceParser:
+                        detector: str | Callable[[np.ndarray], Any] | None = None,
+                        faces: str = "all", tta: str = "none") -> FaceParser:
         """A parser for a released variant, with its release weights or ``weights`` given.
 
         ``from_pretrained("swinb_celeba_512")`` downloads ``kartiknarayan/SegFace/<variant>/
         model_299.pt`` (huggingface_hub; HF_HOME, HF_HUB_OFFLINE and ``revision`` apply) and
         converts it once into the cache. ``weights=`` takes a release ``.pt`` or a `segface-jax
         convert` directory instead (then ``variant`` may be left out: it is read or inferred).
-        ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters. ``detector`` finds
-        landmarks for LaPa inputs given without any (``segface_jax.detect``).
+        ``dtype="bfloat16"`` computes in bfloat16 with float32 parameters.
+
+        ``detector="mtcnn"`` (facenet-pytorch 2.6.0's pretrained MTCNN, converted once into the
+        cache) or any callable from an RGB array to ``Detections`` or 5 points finds the faces
+        in each image; each is aligned as its model's training faces were, parsed, and pasted
+        back (``faces="largest"``: the largest only). ``detector=None`` parses whole images.
+        ``tta="flip"`` averages each input's probabilities with its mirror image's (left and
+        right classes swapped back), at twice the compute.
         """
         from segface_jax import hub
+
+        if detector == "mtcnn":
+            from segface_jax import mtcnn
+
+            detector = mtcnn.pretrained()
+        elif isinstance(detector, str):
+            raise ValueError(f"unknown detector {detector!r}; use 'mtcnn', a callable or None")
 
         if isinstance(variant, os.PathLike) or isinstance(variant, str) and (
                 variant not in VARIANTS and (Path(variant).suffix in (".pt", ".pth")
@@ -167,15 +247,20 @@ class FaceParser:
             enable_compilation_cache()
         resolved = hub.resolve(variant, weights, revision, quiet=quiet)
         return cls(hub.load_weights(resolved, dtype, quiet), batch_size=batch_size,
-                   notify=notify, detector=detector)
+                   notify=notify, detector=detector, faces=faces, tta=tta)
 
     # -- preparation -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, item: Any, points: Any) -> _ModelInput | ImageResult:
+    def _prepare(self, index: int, item: Any, points: Any) -> list[_ModelInput] | ImageResult:
+        """Decode one input and make its model inputs: one per face (``faces`` "all" or
+        "largest"), or the whole image; an ``ImageResult`` when it is done already (an
+        unusable input, or no face found)."""
         source = str(item) if isinstance(item, str | os.PathLike) else f"<image {index}>"
         out = ImageResult(index, source)
         try:
             rgb = preprocess.to_rgb(item, source)
+            if self.faces != "none":
+                return self._prepare_faces(out, rgb, points)
             if points is None and self.detector is not None and self.variant.needs_landmarks:
                 with self._detector_lock:
                     points = self.detector(rgb)
@@ -209,7 +294,44 @@ class FaceParser:
                 lm = (five * np.array([r / w, r / h], np.float32)).astype(np.float32)
                 if (problem := lmk.degenerate(five, (h, w))) is not None:
                     self._notify(f"{source}: {problem}; its alignment will be meaningless")
-        return _ModelInput(out, x, lm)
+        return [_ModelInput(out, x, lm)]
+
+    def _prepare_faces(self, out: ImageResult, rgb: np.ndarray,
+                       points: Any) -> list[_ModelInput] | ImageResult:
+        """Per-face parsing: the faces (the user's landmarks win over the detector), each cut
+        out with its dataset's convention (``segface_jax.faces``)."""
+        out.image = rgb
+        if points is not None:  # one face, where the user says it is
+            five = lmk.to_five(points, f"landmarks of {out.source}")
+            found = [Face.from_landmarks(five)]
+            if (problem := lmk.degenerate(five, rgb.shape[:2])) is not None:
+                self._notify(f"{out.source}: {problem}; its alignment will be meaningless")
+        else:
+            with self._detector_lock:
+                found = faces_found(self.detector(rgb))
+        if self.faces == "largest":
+            found = found[:1]
+        out.faces = found
+        if not found:
+            out.note = "no face found"
+            out.labels = np.zeros(rgb.shape[:2], np.uint8)
+            out.instances = np.zeros(rgb.shape[:2], np.uint8)
+            return out
+        v, r = self.variant, self.variant.resolution
+        to_frame = faces_lib.FRAMES[v.data.face_frame]
+        frames = []
+        for face in found:
+            if v.data.crops_to_face and points is not None and np.asarray(points).size >= 136:
+                frames.append(faces_lib.helen_frame_68(points))
+            else:
+                frames.append(to_frame(face.landmarks))
+        group = _FaceGroup(frames)
+        inputs = []
+        for k, (face, frame) in enumerate(zip(found, frames)):
+            x = preprocess.normalize(faces_lib.crop(rgb, frame, r).round().astype(np.uint8))
+            lm = frame.crop_pixels(face.landmarks, r) if v.needs_landmarks else None
+            inputs.append(_ModelInput(out, x, lm, group, k))
+        return inputs
 
     # -- running -----------------------------------------------------------------------------
 
@@ -222,24 +344,39 @@ class FaceParser:
         if self.variant.needs_landmarks:  # padding rows: a well-posed alignment, discarded
             lm = np.repeat(standard_landmarks(self.variant.resolution)[None], size, axis=0)
             lm[:n] = np.stack([p.lm for p in batch])
-        return self.model(x, landmarks=lm)  # dispatched asynchronously
+        logits = self.model(x, landmarks=lm)  # dispatched asynchronously
+        if self.tta == "flip":
+            mirrored_lm = None if lm is None else mirror_landmarks(lm, self.variant.resolution)
+            mirrored = self.model(np.ascontiguousarray(x[:, :, ::-1]), landmarks=mirrored_lm)
+            logits = _flip_average(logits, mirrored, self._mirror)
+        return logits
 
     def _finish(self, batch: list[_ModelInput], logits: jax.Array,
                 with_probabilities: bool) -> Iterator[ImageResult]:
+        """The images of ``batch`` that are complete now, at their own sizes."""
         host = np.asarray(logits)
         for i, p in enumerate(batch):
             out = p.item
             h, w = out.image.shape[:2]
-            if out.crop_box is not None:
+            if p.group is not None:
+                p.group.logits[p.face] = host[i]
+                if len(p.group.logits) == len(p.group.frames):
+                    pasted = [faces_lib.paste(p.group.logits[k], frame, (h, w))
+                              for k, frame in enumerate(p.group.frames)]
+                    out.labels, out.instances, out.probabilities = faces_lib.compose(
+                        pasted, (h, w), self.variant.num_classes, with_probabilities)
+                    yield out
+            elif out.crop_box is not None:
                 x1, y1, x2, y2 = out.crop_box
                 labels, probs = postprocess.labels_at_size(host[i], (y2 - y1, x2 - x1),
                                                            with_probabilities)
                 out.labels, out.probabilities = postprocess.paste(labels, probs, out.crop_box,
                                                                   (h, w))
+                yield out
             else:
                 out.labels, out.probabilities = postprocess.labels_at_size(
                     host[i], (h, w), with_probabilities)
-            yield out
+                yield out
 
     def parse_iter(self, images: Iterable[Any], landmarks: Sequence[Any] | None = None,
                    with_probabilities: bool = False) -> Iterator[ImageResult]:
@@ -261,7 +398,7 @@ class FaceParser:
         done: dict[int, ImageResult] = {}
         next_index = 0
         pending: tuple[list[_ModelInput], jax.Array] | None = None
-        batch: list[_ModelInput] = []
+        waiting: list[_ModelInput] = []
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
             queue: collections.deque[concurrent.futures.Future] = collections.deque()
             todo = iter(enumerate(zip(items, points)))
@@ -272,22 +409,27 @@ class FaceParser:
                 if queue:
                     prepared = queue.popleft().result()
                     if isinstance(prepared, ImageResult):
+                        if prepared.labels is not None and with_probabilities:
+                            prepared.probabilities = postprocess.background_probabilities(
+                                prepared.labels.shape, self.variant.num_classes)
                         done[prepared.index] = prepared
                     else:
-                        batch.append(prepared)
-                if batch and (len(batch) == self.batch_size or not queue):
+                        waiting.extend(prepared)
+                # full batches while inputs wait; the rest once nothing else is coming
+                while len(waiting) >= self.batch_size or (waiting and not queue):
+                    batch, waiting = waiting[:self.batch_size], waiting[self.batch_size:]
                     logits = self._run_batch(batch)  # async: the host goes on below
                     if pending is not None:
                         done.update((o.index, o) for o in self._finish(*pending,
                                                                         with_probabilities))
-                    pending, batch = (batch, logits), []
+                    pending = (batch, logits)
                 if not queue and pending is not None:
                     done.update((o.index, o) for o in self._finish(*pending, with_probabilities))
                     pending = None
                 while next_index in done:
                     yield done.pop(next_index)
                     next_index += 1
-                if not queue and not batch and pending is None:
+                if not queue and not waiting and pending is None:
                     return
 
     def __call__(self, images: Any, landmarks: Sequence[Any] | None = None,
@@ -312,5 +454,6 @@ class FaceParser:
             labels=[r.labels for r in results],
             probabilities=[r.probabilities for r in results] if return_probabilities else None,
             class_names=self.variant.classes, palette=self.variant.palette,
-            images=[r.image for r in results], sources=[r.source for r in results])
+            images=[r.image for r in results], sources=[r.source for r in results],
+            faces=[r.faces for r in results], instances=[r.instances for r in results])
 

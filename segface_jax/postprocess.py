@@ -92,3 +92,10 @@ def class_areas(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, dic
     total = max(int(labels.size), 1)
     return {name: {"pixels": int(n), "fraction": round(int(n) / total, 6)}
             for name, n in zip(class_names, counts)}
+
+
+def background_probabilities(image_hw: tuple[int, int], num_classes: int) -> np.ndarray:
+    """(H, W, C) float32 probabilities of an image with nothing in it: background 1."""
+    probs = np.zeros((*image_hw, num_classes), np.float32)
+    probs[..., 0] = 1.0
+    return probs

@@ -1,8 +1,10 @@
 """``segface-jax predict``: parse files, folders and globs of images and write the results.
 
 For each input ``<name>`` it writes, under ``--out`` (folders keep their sub-folder layout):
-``<name>_labels.png`` (palette PNG: pixel value = class index), ``<name>_overlay.png``,
-``<name>.json`` (class areas, size, weights) and, on request, ``<name>_probs.npz``. Every file
+``<name>_labels.png`` (palette PNG: pixel value = class index), ``<name>_instances.png`` (face
+number per pixel, 0 = none; with ``--faces all|largest``), ``<name>_overlay.png`` (with each
+face's box and landmarks), ``<name>.json`` (faces with box, score, landmarks and class areas;
+class areas of the whole image; size, weights) and, on request, ``<name>_probs.npz``. Every file
 is written to a temporary name and renamed, so an interrupted run never leaves half a file.
 """
 
@@ -22,13 +24,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from segface_jax import examples, hub, preprocess
+from segface_jax import faces as faces_lib
 from segface_jax import landmarks as lmk
 from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.parser import FaceParser, ImageResult, enable_compilation_cache
 from segface_jax.postprocess import class_areas
 from segface_jax.variants import get_variant
 
-SAVE_KINDS = ("labels", "overlay", "probs", "json")
+SAVE_KINDS = ("labels", "instances", "overlay", "probs", "json")
+DEFAULT_SAVE = "labels,instances,overlay,json"
 EXAMPLE = "astronaut"  # scikit-image's sample photo, for the README's first command
 
 
@@ -45,8 +49,8 @@ class Job:
 
     def outputs(self, save: Sequence[str]) -> dict[str, Path]:
         """Output path of each requested kind."""
-        names = {"labels": "_labels.png", "overlay": "_overlay.png", "probs": "_probs.npz",
-                 "json": ".json"}
+        names = {"labels": "_labels.png", "instances": "_instances.png",
+                 "overlay": "_overlay.png", "probs": "_probs.npz", "json": ".json"}
         return {k: self.stem.with_name(self.stem.name + names[k]) for k in save}
 
 
@@ -141,8 +145,13 @@ def write_outputs(job: Job, result: ImageResult, parser: FaceParser, save: Seque
     if "labels" in out:
         atomic_write(out["labels"], lambda p: label_png(result.labels, v.palette).save(
             p, format="PNG"))
+    if "instances" in out and result.instances is not None:
+        atomic_write(out["instances"], lambda p: Image.fromarray(result.instances, mode="L").save(
+            p, format="PNG"))
     if "overlay" in out:
         over = preprocess.overlay(result.image, result.labels, v.palette)
+        if result.faces:
+            over = faces_lib.draw(over, result.faces)
         if weights_note.get("random"):
             over = _random_weights_banner(over)
         atomic_write(out["overlay"], lambda p: Image.fromarray(over).save(p, format="PNG"))
@@ -158,11 +167,19 @@ def write_outputs(job: Job, result: ImageResult, parser: FaceParser, save: Seque
             "source": job.source, "variant": v.name, "width": w, "height": h,
             "weights": weights_note,
             "landmarks": None if result.landmarks is None else result.landmarks.tolist(),
-            "alignment": ("landmarks" if result.landmarks is not None else
-                          "assumed aligned face crop") if v.needs_landmarks else None,
+            "alignment": (f"per face: {v.data.face_frame}" if result.faces is not None else
+                          ("landmarks" if result.landmarks is not None else
+                           "assumed aligned face crop") if v.needs_landmarks else None),
             "crop_box": result.crop_box,
             "classes": class_areas(result.labels, v.classes),
         }
+        if result.faces is not None:
+            info["faces"] = [{
+                "id": k, "box": [round(float(c), 2) for c in face.box],
+                "score": face.score, "landmarks": np.round(face.landmarks, 2).tolist(),
+                "classes": class_areas(np.where(result.instances == k, result.labels, 0),
+                                       v.classes)}
+                for k, face in enumerate(result.faces, 1)]
         atomic_write(out["json"], lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
 
 
@@ -170,11 +187,16 @@ def run_predict(args) -> int:
     """The ``predict`` command; returns the exit status (1 when any input failed)."""
     from tqdm import tqdm
 
-    save = [s.strip() for s in args.save.split(",") if s.strip()]
+    save = [s.strip() for s in (args.save or DEFAULT_SAVE).split(",") if s.strip()]
     unknown = sorted(set(save) - set(SAVE_KINDS))
     if unknown or not save:
         raise InputError(f"--save: unknown output kind(s) {', '.join(unknown) or '(none)'}; "
                          f"choose from {','.join(SAVE_KINDS)}")
+    if args.faces == "none" and "instances" in save:
+        if args.save is not None:
+            raise InputError("--save instances needs --faces all or largest (with --faces none "
+                             "the whole image is parsed, so there are no face numbers)")
+        save.remove("instances")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     variant = get_variant(args.variant)  # the one place the name becomes a Variant
@@ -221,8 +243,15 @@ def run_predict(args) -> int:
         from segface_jax.detect import MediaPipeDetector
 
         detector = MediaPipeDetector()
+    elif args.faces != "none":
+        from segface_jax import mtcnn
+
+        try:
+            detector = mtcnn.pretrained()
+        except mtcnn.DetectorWeightsError as e:
+            raise InputError(f"{e}; or pass --faces none to parse whole images") from None
     parser = FaceParser(hub.load_weights(weights, args.dtype), batch_size=args.batch_size,
-                        notify=note, detector=detector)
+                        notify=note, detector=detector, faces=args.faces, tta=args.tta)
     weights_note = {"random": weights.random,
                     "sha256": parser.model.metadata.get("source", {}).get("sha256")}
     if weights.random:
@@ -238,7 +267,7 @@ def run_predict(args) -> int:
         else:
             images.append(job.source)
             points.append(lmk.lookup(table, job.source) if table else None)
-    if table and not parser.variant.uses_landmarks:
+    if table and not parser.variant.uses_landmarks and args.faces == "none":
         note(f"{parser.variant.name} parses the whole image and does not use landmarks; "
              f"{args.landmarks} is ignored")
     elif table:
@@ -248,6 +277,8 @@ def run_predict(args) -> int:
                  f"(e.g. {missing[0]})")
 
     failures: list[tuple[str, str]] = []
+    faceless: list[str] = []
+    found = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), unit="img", desc=f"parsing ({parser.variant.name})",
                disable=args.quiet or None, dynamic_ncols=True)
@@ -258,6 +289,11 @@ def run_predict(args) -> int:
                 failures.append((job.source, result.error))
                 tqdm.write(f"skipped {result.error}", file=sys.stderr)
             else:
+                if result.faces is not None:
+                    found += len(result.faces)
+                    if not result.faces:
+                        faceless.append(job.source)
+                        tqdm.write(f"no face found in {job.source}", file=sys.stderr)
                 try:
                     write_outputs(job, result, parser, save, weights_note)
                 except OSError as e:
@@ -272,6 +308,9 @@ def run_predict(args) -> int:
     rate = parsed / elapsed if elapsed > 0 else 0.0
     summary = (f"parsed {parsed} of {len(jobs)} image(s) with {parser.variant.name} in "
                f"{elapsed:.1f} s ({rate:.2f} img/s; set-up {setup_s:.1f} s); outputs in {out_dir}")
+    if args.faces != "none":
+        summary += (f"; {found} face(s) found" + (f", none in {len(faceless)} image(s)"
+                                                  if faceless else ""))
     if skipped:
         summary += f"; {len(skipped)} already done (--skip-existing)"
     if weights_note.get("random"):

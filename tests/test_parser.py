@@ -87,6 +87,33 @@ def test_mixed_sizes_and_kinds_compile_one_batch_shape(celeba, tmp_path):
     assert sum(a["pixels"] for a in areas.values()) == 512 * 512
 
 
+def test_flip_tta_is_mirror_consistent_and_averages_the_mirror(celeba):
+    """tta="flip": parsing the mirror image gives the mirrored result with left and right
+    classes swapped, and each result is the mean of the plain probabilities of the image and
+    of its mirror mirrored back. Exact in exact arithmetic (the same two terms are added, at
+    the model resolution no resize breaks the symmetry); in float32 an image sits at another
+    batch position in the mirrored call, which moves the last bit (measured 3e-8): bar 1e-6,
+    and equal labels wherever the top two classes are more than 1e-5 apart."""
+    tta = FaceParser(celeba.model, batch_size=2, tta="flip")
+    rgb = astronaut()[20:244, 130:354]  # 224 x 224: the model's own size
+    mirrored = np.ascontiguousarray(rgb[:, ::-1])
+    swap = np.asarray(celeba.variant.data.mirrored_classes)
+    assert sorted(celeba.variant.classes[i] for i in swap[[4, 5, 6, 7, 8, 9]]) == sorted(
+        celeba.variant.classes[i] for i in (4, 5, 6, 7, 8, 9)) and (swap[[4, 6, 8]] == [5, 7, 9]
+                                                                    ).all()
+    got = tta([rgb, mirrored], return_probabilities=True)
+    np.testing.assert_allclose(got.probabilities[1], got.probabilities[0][:, ::-1][..., swap],
+                               atol=1e-6)
+    top2 = np.sort(got.probabilities[0], -1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0] > 1e-5)[:, ::-1]
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got.labels[1][clear], swap[got.labels[0][:, ::-1]][clear])
+    plain = celeba([rgb, mirrored], return_probabilities=True).probabilities
+    want = (plain[0] + plain[1][:, ::-1][..., swap]) / 2
+    np.testing.assert_allclose(got.probabilities[0], want, atol=1e-6)
+    assert (got.labels[0] != celeba(rgb).labels[0]).any()  # the average changed something
+
+
 def test_probabilities_and_single_image(celeba):
     rgb = astronaut()[:200, :260]
     result = celeba(rgb, return_probabilities=True)
@@ -302,7 +329,8 @@ def test_from_pretrained_path_errors(tmp_path):
 
 @pytest.mark.slow
 def test_detector_supplies_missing_landmarks():
-    """A detector (any callable) is used for LaPa images given without landmarks."""
+    """With faces="none", a detector (any callable) finds LaPa's landmarks for whole images
+    given without any."""
     from segface_jax.detect import mesh_to_five
 
     mesh = np.random.default_rng(0).uniform(0, 500, (478, 2)).astype(np.float32)
@@ -320,7 +348,7 @@ def test_detector_supplies_missing_landmarks():
 
     notes: list[str] = []
     parser = FaceParser(load(release.converted("swinb_lapa_224")), batch_size=2,
-                        notify=notes.append, detector=detector)
+                        notify=notes.append, detector=detector, faces="none")
     rgb = astronaut()
     out = list(parser.parse_iter([rgb, rgb[:100, :100], rgb], [None, None, ASTRONAUT_LANDMARKS]))
     assert calls == [(512, 512, 3), (100, 100, 3)]  # not called where landmarks were given

@@ -150,7 +150,7 @@ def test_landmarks_for_a_variant_that_ignores_them_are_noted(tmp_path, capsys):
     lm.write_text(json.dumps({"face.png": ASTRONAUT_LANDMARKS.tolist()}))
     rc, _, err = _run(capsys, img, "--variant", "swinb_celeba_224", "--weights",
                       release.converted("swinb_celeba_224"), "--out", tmp_path / "out",
-                      "--save", "json", "--landmarks", lm)
+                      "--save", "json", "--landmarks", lm, "--faces", "none")
     assert rc == 0 and err.count("does not use landmarks") == 1 and str(lm) in err
 
 
@@ -162,7 +162,7 @@ def test_lapa_landmarks_file_and_usage_errors(tmp_path, capsys):
     lm.write_text(json.dumps({"a.png": ASTRONAUT_LANDMARKS.tolist()}))
     out = tmp_path / "out"
     common = ["--variant", "swinb_lapa_224", "--weights", release.converted("swinb_lapa_224"),
-              "--out", out]
+              "--out", out, "--faces", "none"]
     rc, _, err = _run(capsys, tmp_path / "a.png", tmp_path / "b.png", *common,
                       "--landmarks", lm, "--save", "json")
     assert rc == 0
