@@ -1,8 +1,10 @@
-"""Optional automatic landmarks for the LaPa models: any callable, or MediaPipe's FaceLandmarker.
+"""MediaPipe's FaceLandmarker as a face finder: an alternative to MTCNN (``segface_jax.mtcnn``).
 
-A detector is any ``callable(rgb: (H, W, 3) uint8) -> (K, 2) pixel points or None`` (None: no
-face), where K is 5, 68 or 106 (see ``segface_jax.landmarks``). ``FaceParser(...,
-detector=...)`` calls it for every image that comes without landmarks.
+A detector is any ``callable(rgb: (H, W, 3) uint8)`` returning ``Detections`` (boxes, scores,
+landmarks), (K, 2) pixel points of one face (K = 5, 68 or 106, see ``segface_jax.landmarks``),
+or None for no face. ``FaceParser(..., detector=...)`` calls it for every image that comes
+without landmarks: per face, each face it finds is aligned and parsed; with ``faces="none"``
+it gives a LaPa model the landmarks of the largest face in the whole image.
 
 ``MediaPipeDetector`` (``pip install 'segface-jax[detect]'``) wraps Google's MediaPipe
 FaceLandmarker (478-point face mesh) and reduces the mesh to the five points: the two iris

@@ -11,13 +11,14 @@ centres, nose tip, mouth corners; image-left eye first):
   Growing of GANs", ICLR 2018, appendix C; ``dataset_tool.py``'s ``create_celebahq`` in
   tkarras/progressive_growing_of_gans). With e = right eye - left eye and m = mouth centre -
   eye centre, the crop's x axis is e - rot90(m) normalised, its half-width
-  max(2 |e|, 1.8 |m|), and its centre eye centre + 0.1 m. The recipe samples the square at
-  4096 px after shrinking large faces by an integer box filter, and resizes to 1024 px with an
-  antialiasing filter (upstream then resizes to R): we shrink by the integer part of the photo
-  pixels per crop pixel, sample at 2R and average 2 x 2 blocks. Where the square leaves the
-  photo, both fill it by reflection (the recipe then blurs that band; we do not). The recipe
-  adds half a pixel twice between CelebA's integer landmarks and PIL's corner coordinates; we
-  add it once, so our square sits at most one source pixel from the recipe's.
+  max(2 |e|, 1.8 |m|), and its centre eye centre + 0.1 m. The recipe shrinks large faces by an
+  integer factor (PIL's antialiasing resize, by floor(side / 2048)), samples the square at
+  4096 px and resizes to 1024 px with that filter (upstream then resizes to R): we average
+  blocks of floor(photo pixels per crop pixel) pixels, sample at 2R and average 2 x 2 blocks.
+  Where the square leaves the photo, both fill it by reflection (the recipe then blurs that
+  band; we do not). The recipe adds half a pixel twice between CelebA's integer landmarks and
+  PIL's corner coordinates; we add it once, so our square sits at most one source pixel from
+  the recipe's.
 - ``lapa``: an axis-aligned square around the face, twice the size of the 512 px template
   canvas that the model's own alignment maps the face into (``align.STANDARD_FACE_POINTS``), so
   the tanh warp inside the model sees the face with context; the landmarks go to the model in
@@ -31,9 +32,10 @@ centres, nose tip, mouth corners; image-left eye first):
   that distance below the mouth (45 mm).
 
 ``paste`` maps a crop's logits back with the inverse map (bilinear, like upstream's resize of
-logits), and ``compose`` joins every face of a photo: a pixel belongs to the face that labels it
-as a non-background class; where several do, to the one with the highest non-background
-probability there. The instance map holds that face's number (1, 2, ...; 0 for none).
+logits), and ``Composite`` joins every face of a photo as it arrives: a pixel belongs to the
+face that labels it as a non-background class; where several do, to the one with the highest
+non-background probability there. The instance map holds that face's number (1, 2, ...; 0 for
+none).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def lapa_frame(five: np.ndarray) -> Frame:
     """A square twice the LaPa template canvas that the 5 landmarks map into (docstring)."""
     lm = np.asarray(five, np.float64).reshape(5, 2) + 0.5
     template = (STANDARD_FACE_POINTS.astype(np.float64) + 1) * 256  # on the 512 canvas
-    # least-squares scale of the similarity taking the template onto the landmarks
+    # scale of the template onto the landmarks: the ratio of their RMS spreads
     t, p = template - template.mean(0), lm - lm.mean(0)
     scale = np.sqrt((p ** 2).sum() / (t ** 2).sum())
     centre = lm.mean(0) + (np.array([256.0, 256.0]) - template.mean(0)) * scale
@@ -174,11 +176,13 @@ def _shrink(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Sample (H, W, C) at continuous pixel-index positions (..., 2), reflecting outside."""
+    """Sample (H, W, C) at continuous pixel-index positions (..., 2), reflecting outside
+    (weights in the image's dtype)."""
     h, w = image.shape[:2]
     x, y = xy[..., 0], xy[..., 1]
     x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    fx = (x - x0)[..., None].astype(image.dtype)
+    fy = (y - y0)[..., None].astype(image.dtype)
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
     xs = (_reflect(x0, w), _reflect(x0 + 1, w))
     ys = (_reflect(y0, h), _reflect(y0 + 1, h))
@@ -187,47 +191,66 @@ def bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
+class FrameError(ValueError):
+    """Landmarks that give no usable crop: coincident, not finite, or far outside the photo."""
+
+
+def check(frame: Frame, image_hw: tuple[int, int]) -> None:
+    """Raise ``FrameError`` unless ``frame`` is finite, not degenerate and overlaps the photo."""
+    h, w = image_hw
+    corners = frame.corners()
+    if not np.isfinite(corners).all():
+        raise FrameError("the landmarks give no finite face crop")
+    if abs(np.linalg.det(np.stack([frame.across, frame.down]))) < 1.0:
+        raise FrameError("the landmarks (nearly) coincide: the face crop has no area")
+    lo, hi = corners.min(0), corners.max(0)
+    if (hi <= 0).any() or lo[0] >= w or lo[1] >= h:
+        raise FrameError(f"the face crop lies outside the {w}x{h} image")
+
+
 def crop(image: np.ndarray, frame: Frame, resolution: int) -> np.ndarray:
-    """The (R, R, 3) float32 crop (0-255) of an (H, W, 3) photo (module docstring)."""
+    """The (R, R, 3) float32 crop (0-255) of an (H, W, 3) photo (module docstring; pass the
+    photo as float32 to spare a conversion per face)."""
     source = np.asarray(image, np.float32)
-    shrink = int(np.floor(frame.pixel_size(resolution)))
-    if shrink > 1:  # a large face: box-filter the photo first, like the recipe
+    # a large face: box-filter the photo first (never below 2 x 2 pixels)
+    shrink = min(int(np.floor(frame.pixel_size(resolution))), *(s // 2 for s in source.shape[:2]))
+    if shrink > 1:
         source = _shrink(source, shrink)
+    shrink = max(shrink, 1)
     n = 2 * resolution  # sampled at 2R, then 2 x 2 blocks averaged
     ab = (np.arange(n, dtype=np.float64) + 0.5) / n
     a, b = np.meshgrid(ab, ab, indexing="xy")
     points = frame.origin + a[..., None] * frame.across + b[..., None] * frame.down
-    sampled = bilinear(source, points / max(shrink, 1) - 0.5)
+    sampled = bilinear(source, points / shrink - 0.5)
     return sampled.reshape(resolution, 2, resolution, 2, 3).mean((1, 3)).astype(np.float32)
 
 
-@dataclasses.dataclass
-class Pasted:
-    """One face's logits mapped into the photo: the footprint (y0, y1, x0, x1) and, inside it,
-    the logits (h, w, C) and where the crop covers the pixel (h, w)."""
-
-    window: tuple[int, int, int, int]
-    logits: np.ndarray
-    covered: np.ndarray
-
-
-def paste(logits: np.ndarray, frame: Frame, image_hw: tuple[int, int]) -> Pasted:
-    """Map an (R, R, C) crop's logits onto the photo pixels that the crop covers."""
-    r = logits.shape[0]
+def footprint(frame: Frame, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the photo pixels inside the frame's bounding box (may be empty)."""
     corners = frame.corners()
     h, w = image_hw
     x0, y0 = (max(0, int(np.floor(v))) for v in corners.min(0))
-    x1, y1 = min(w, int(np.ceil(corners[:, 0].max()))), min(h, int(np.ceil(corners[:, 1].max())))
-    if x1 <= x0 or y1 <= y0:
-        return Pasted((0, 0, 0, 0), np.zeros((0, 0, logits.shape[-1]), np.float32),
-                      np.zeros((0, 0), bool))
-    ys, xs = np.mgrid[y0:y1, x0:x1]
+    x1 = min(w, int(np.ceil(corners[:, 0].max())))
+    y1 = min(h, int(np.ceil(corners[:, 1].max())))
+    return y0, max(y0, y1), x0, max(x0, x1)
+
+
+def paste(logits: np.ndarray, frame: Frame, image_hw: tuple[int, int],
+          rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Map an (R, R, C) crop's logits onto the photo pixels of its footprint (or of ``rows``
+    = (first, end) of it): (h, w, C) float32 logits, (h, w) where the crop covers the pixel,
+    and the window (y0, y1, x0, x1) they fill."""
+    r = logits.shape[0]
+    y0, y1, x0, x1 = footprint(frame, image_hw)
+    if rows is not None:
+        y0, y1 = max(y0, rows[0]), min(y1, rows[1])
+    ys, xs = np.mgrid[y0:max(y0, y1), x0:x1]
     ab = frame.to_crop(np.stack([xs + 0.5, ys + 0.5], -1))
     covered = ((ab >= 0) & (ab <= 1)).all(-1)
     # crop pixel-index positions, clamped at the crop's edge (upstream's resize clamps too)
     uv = np.clip(ab * r - 0.5, 0, r - 1)
-    values = bilinear(np.asarray(logits, np.float32), uv).astype(np.float32)
-    return Pasted((y0, y1, x0, x1), values, covered)
+    values = bilinear(np.asarray(logits, np.float32), uv)
+    return values, covered, (y0, max(y0, y1), x0, x1)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -235,33 +258,49 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def compose(pasted: Sequence[Pasted], image_hw: tuple[int, int], num_classes: int,
-            with_probabilities: bool = False
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Join every face's pasted logits: (H, W) uint8 classes, (H, W) uint8 face numbers (0 =
-    none) and, if asked, (H, W, C) float32 probabilities (background 1 where no face is)."""
-    if len(pasted) > 255:
-        raise ValueError(f"{len(pasted)} faces in one photo; the instance map holds 255")
-    labels = np.zeros(image_hw, np.uint8)
-    instances = np.zeros(image_hw, np.uint8)
-    best = np.zeros(image_hw, np.float32)  # the owner's non-background probability
-    probs = None
-    if with_probabilities:
-        probs = np.zeros((*image_hw, num_classes), np.float32)
-        probs[..., 0] = 1.0
-    for k, p in enumerate(pasted):
-        y0, y1, x0, x1 = p.window
-        if y1 <= y0:
-            continue
-        face_probs = _softmax(p.logits)
-        claim = np.where(p.covered, 1.0 - face_probs[..., 0], 0.0)
-        wins = p.covered & (p.logits.argmax(-1) != 0) & (claim > best[y0:y1, x0:x1])
-        best[y0:y1, x0:x1][wins] = claim[wins]
-        labels[y0:y1, x0:x1][wins] = p.logits.argmax(-1)[wins]
-        instances[y0:y1, x0:x1][wins] = k + 1
-        if probs is not None:
-            probs[y0:y1, x0:x1][wins] = face_probs[wins]
-    return labels, instances, probs
+class Composite:
+    """The faces of one photo joined as their logits arrive (the rule in the module
+    docstring), pasted in bands of rows so memory stays a few bands of the photo:
+    ``labels`` (H, W) uint8 classes, ``instances`` (H, W) uint8 face numbers (0 = none) and,
+    if asked, ``probabilities`` (H, W, C): the owner's where a face claims the pixel, else the
+    surest covering face's (lowest background probability), else background 1."""
+
+    MAX_FACES = 255  # the instance map is uint8
+    ROWS = 64  # rows pasted at a time
+
+    def __init__(self, image_hw: tuple[int, int], num_classes: int,
+                 with_probabilities: bool = False):
+        self.hw = image_hw
+        self.labels = np.zeros(image_hw, np.uint8)
+        self.instances = np.zeros(image_hw, np.uint8)
+        self._claim = np.zeros(image_hw, np.float32)  # the owner's non-background probability
+        self.probabilities = None
+        if with_probabilities:
+            self.probabilities = np.zeros((*image_hw, num_classes), np.float32)
+            self.probabilities[..., 0] = 1.0
+
+    def add(self, number: int, logits: np.ndarray, frame: Frame) -> None:
+        """Paste face ``number`` (1-255): its (R, R, C) crop logits and where the crop lies."""
+        if not 1 <= number <= self.MAX_FACES:
+            raise ValueError(f"face numbers run 1 to {self.MAX_FACES}, not {number}")
+        y0, y1, _, _ = footprint(frame, self.hw)
+        for start in range(y0, y1, self.ROWS):
+            values, covered, (a, b, x0, x1) = paste(logits, frame, self.hw,
+                                                    (start, start + self.ROWS))
+            probs = _softmax(values)
+            label = values.argmax(-1)
+            claim = np.where(covered, 1.0 - probs[..., 0], 0.0)
+            window = (slice(a, b), slice(x0, x1))
+            wins = covered & (label != 0) & (claim > self._claim[window])
+            if self.probabilities is not None:
+                owned = self.instances[window] != 0
+                # unclaimed pixels show the surest covering face's (soft) probabilities
+                softer = covered & ~owned & ~wins & (
+                    probs[..., 0] < self.probabilities[window][..., 0])
+                self.probabilities[window][softer | wins] = probs[softer | wins]
+            self._claim[window][wins] = claim[wins]
+            self.labels[window][wins] = label[wins]
+            self.instances[window][wins] = number
 
 
 def draw(image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,27 +24,36 @@ from flax import nnx
 from segface_jax.models.mtcnn import NETWORKS
 
 
-def _area_average(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """torch's adaptive average pooling along ``axis`` of a float64 array: output i averages
-    inputs floor(i * n / out) to ceil((i + 1) * n / out) - 1, from cumulative sums."""
-    n = x.shape[axis]
+def _prefix_sums(x: np.ndarray, axis: int) -> np.ndarray:
+    """Cumulative sums along ``axis`` with a leading zero (float64)."""
+    zero = np.zeros_like(np.take(x, [0], axis))
+    return np.concatenate([zero, np.cumsum(x, axis)], axis)
+
+
+def _area_average(sums: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """torch's adaptive average pooling along ``axis``, from the input's ``_prefix_sums``:
+    output i averages inputs floor(i * n / out) to ceil((i + 1) * n / out) - 1."""
+    n = sums.shape[axis] - 1
     i = np.arange(out_size)
     start, end = (i * n) // out_size, -((-(i + 1) * n) // out_size)
-    sums = np.concatenate([np.zeros_like(np.take(x, [0], axis)), np.cumsum(x, axis)], axis)
-    shape = [1] * x.ndim
+    shape = [1] * sums.ndim
     shape[axis] = out_size
     return (np.take(sums, end, axis) - np.take(sums, start, axis)) / (end - start).reshape(shape)
 
 
-def area_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def area_resize(image: np.ndarray, size: tuple[int, int],
+                row_sums: np.ndarray | None = None) -> np.ndarray:
     """torch ``interpolate(mode="area")`` of an (H, W, C) image to ``size`` = (h, w), float32.
 
     Area interpolation is adaptive average pooling; its rectangular windows separate into an
     average over rows then one over columns (each window's count is the product of the two),
-    computed here in float64 and rounded once.
+    computed here in float64 and rounded once. ``row_sums`` (``_prefix_sums`` of the image
+    along its rows) saves recomputing them for each level of a pyramid.
     """
-    rows = _area_average(np.asarray(image, np.float64), size[0], 0)
-    return _area_average(rows, size[1], 1).astype(np.float32)
+    if row_sums is None:
+        row_sums = _prefix_sums(np.asarray(image, np.float64), 0)
+    rows = _area_average(row_sums, size[0], 0)
+    return _area_average(_prefix_sums(rows, 1), size[1], 1).astype(np.float32)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float,
@@ -154,8 +164,13 @@ def _crops(image: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
 
 
 def _bucket(n: int) -> int:
-    """Crops per R-/O-Net call, padded to a power of two (at least 8): few compiled shapes."""
-    return max(8, 1 << (n - 1).bit_length())
+    """Crops per R-/O-Net call, padded to 4, 5, 6 or 7 times a power of two (at least 8): four
+    compiled shapes per doubling, and at most a quarter of the work wasted on padding (powers
+    of two alone wasted up to half: 261 R-Net crops ran as 512)."""
+    if n <= 8:
+        return 8
+    step = 1 << max(0, (n - 1).bit_length() - 3)  # n <= 8 * step
+    return -(-n // step) * step
 
 
 class MTCNN:
@@ -184,8 +199,10 @@ class MTCNN:
         """Stage 1: P-Net on every pyramid level -> (N, 9) boxes, score and offsets."""
         h, w = image.shape[:2]
         found = []
+        row_sums = _prefix_sums(np.asarray(image, np.float64), 0)  # shared by every level
         for scale in self.scales(h, w):
-            level = _normalised(area_resize(image, (int(h * scale + 1), int(w * scale + 1))))
+            size = (int(h * scale + 1), int(w * scale + 1))
+            level = _normalised(area_resize(image, size, row_sums))
             offsets, probs = self.pnet(level[None])
             ys, xs = np.nonzero(probs[0, :, :, 1] >= self.thresholds[0])
             cells = np.stack([xs, ys], 1).astype(np.float32)
@@ -285,8 +302,10 @@ def networks_from_arrays(arrays: Mapping[str, Mapping[str, np.ndarray]]
     """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
     from segface_jax.checkpoint import fill_module
 
-    return {name: fill_module(NETWORKS[name](rngs=nnx.Rngs(0)), dict(arrays[name]))
-            for name in NETWORKS}
+    def abstract(name: str) -> nnx.Module:  # shapes only: no random initialisation to compile
+        return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
+
+    return {name: fill_module(abstract(name), dict(arrays[name])) for name in NETWORKS}
 
 
 def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:
@@ -299,15 +318,20 @@ def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:
     if not path.exists():
         folder = facenet_data()
         try:
+            from segface_jax.convert.converter import ConversionError
             from segface_jax.convert.detector import convert_network, load_network_file
+
+            flat = {f"{name}/{key}": value for name in NETWORKS for key, value in
+                    convert_network(name, load_network_file(folder / f"{name}.pt")).items()}
         except ImportError as e:
             raise DetectorWeightsError(f"converting the face detector's weights from {folder} "
                                        f"needs torch ({e}); install it once, or copy a "
                                        f"converted {path.name} from another machine to "
                                        f"{path}") from None
-        flat = {f"{name}/{key}": value for name in NETWORKS for key, value in
-                convert_network(name, load_network_file(folder / f"{name}.pt")).items()}
+        except ConversionError as e:
+            raise DetectorWeightsError(f"{e}; reinstall: {INSTALL_HINT}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
+
         def write(target: Path) -> None:
             with open(target, "wb") as f:  # a handle: np.savez would append ".npz" to a name
                 np.savez(f, **flat)
@@ -320,7 +344,7 @@ def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:
                 name, _, leaf = key.partition("/")
                 arrays.setdefault(name, {})[leaf] = data[key]
         return MTCNN(networks_from_arrays(arrays), **options)
-    except (OSError, EOFError, ValueError, KeyError, CheckpointError) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, CheckpointError) as e:
         raise DetectorWeightsError(f"{path}: the converted detector weights are unreadable "
                                    f"({e}); delete the file and run again to reconvert them "
                                    f"from {WEIGHTS_SOURCE}") from None

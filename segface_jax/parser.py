@@ -113,10 +113,11 @@ class ParseResult:
 
 @dataclasses.dataclass
 class _FaceGroup:
-    """The faces of one image, collected as their batches finish."""
+    """The faces of one image, joined into its maps as their batches finish."""
 
     frames: list[faces_lib.Frame]
-    logits: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    composite: faces_lib.Composite
+    done: int = 0
 
 
 @dataclasses.dataclass
@@ -147,9 +148,10 @@ def mirror_landmarks(points: np.ndarray, resolution: int) -> np.ndarray:
 def _flip_average(logits: jax.Array, mirrored: jax.Array, mirror: jax.Array) -> jax.Array:
     """Flip test-time augmentation: the log of the mean of the image's probabilities and its
     mirror image's, mirrored back with left and right classes swapped (float32)."""
-    p = jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
-    q = jax.nn.softmax(mirrored.astype(jax.numpy.float32), axis=-1)[:, :, ::-1]
-    return jax.numpy.log((p + q[..., mirror]) / 2)
+    p = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
+    q = jax.nn.log_softmax(mirrored.astype(jax.numpy.float32), axis=-1)[:, :, ::-1]
+    # log((e^p + e^q) / 2) without underflow: a logit gap of ~90 made log(0) = -inf
+    return jax.numpy.logaddexp(p, q[..., mirror]) - jax.numpy.log(2.0)
 
 
 def faces_found(found: Any) -> list[Face]:
@@ -225,7 +227,9 @@ class FaceParser:
         ``detector="mtcnn"`` (facenet-pytorch 2.6.0's pretrained MTCNN, converted once into the
         cache) or any callable from an RGB array to ``Detections`` or 5 points finds the faces
         in each image; each is aligned as its model's training faces were, parsed, and pasted
-        back (``faces="largest"``: the largest only). ``detector=None`` parses whole images.
+        back (``faces="largest"``: the largest only; ``faces="none"``: whole images, the detector
+        only giving LaPa models their landmarks). ``detector=None`` parses whole images (and
+        ignores ``faces``).
         ``tta="flip"`` averages each input's probabilities with its mirror image's (left and
         right classes swapped back), at twice the compute.
         """
@@ -251,7 +255,8 @@ class FaceParser:
 
     # -- preparation -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, item: Any, points: Any) -> list[_ModelInput] | ImageResult:
+    def _prepare(self, index: int, item: Any, points: Any,
+                 with_probabilities: bool = False) -> list[_ModelInput] | ImageResult:
         """Decode one input and make its model inputs: one per face (``faces`` "all" or
         "largest"), or the whole image; an ``ImageResult`` when it is done already (an
         unusable input, or no face found)."""
@@ -260,15 +265,20 @@ class FaceParser:
         try:
             rgb = preprocess.to_rgb(item, source)
             if self.faces != "none":
-                return self._prepare_faces(out, rgb, points)
+                return self._prepare_faces(out, rgb, points, with_probabilities)
             if points is None and self.detector is not None and self.variant.needs_landmarks:
                 with self._detector_lock:
-                    points = self.detector(rgb)
-                if points is None:
+                    found = faces_found(self.detector(rgb))
+                if not found:
                     raise lmk.LandmarkError(f"{source}: the landmark detector found no face")
+                points = found[0].landmarks  # the largest face
             five = None if points is None else lmk.to_five(points, f"landmarks of {source}")
         except (preprocess.ImageError, lmk.LandmarkError) as e:
             out.error, out.exception = str(e), e
+            return out
+        except faces_lib.FrameError as e:
+            out.exception = lmk.LandmarkError(f"{source}: {e}")
+            out.error = str(out.exception)
             return out
         out.image = rgb
         v, r = self.variant, self.variant.resolution
@@ -296,39 +306,45 @@ class FaceParser:
                     self._notify(f"{source}: {problem}; its alignment will be meaningless")
         return [_ModelInput(out, x, lm)]
 
-    def _prepare_faces(self, out: ImageResult, rgb: np.ndarray,
-                       points: Any) -> list[_ModelInput] | ImageResult:
+    def _prepare_faces(self, out: ImageResult, rgb: np.ndarray, points: Any,
+                       with_probabilities: bool) -> list[_ModelInput] | ImageResult:
         """Per-face parsing: the faces (the user's landmarks win over the detector), each cut
         out with its dataset's convention (``segface_jax.faces``)."""
         out.image = rgb
+        v, r = self.variant, self.variant.resolution
         if points is not None:  # one face, where the user says it is
             five = lmk.to_five(points, f"landmarks of {out.source}")
-            found = [Face.from_landmarks(five)]
             if (problem := lmk.degenerate(five, rgb.shape[:2])) is not None:
-                self._notify(f"{out.source}: {problem}; its alignment will be meaningless")
+                raise lmk.LandmarkError(f"{out.source}: {problem}")
+            found = [Face.from_landmarks(five)]
         else:
             with self._detector_lock:
                 found = faces_found(self.detector(rgb))
         if self.faces == "largest":
             found = found[:1]
+        most = faces_lib.Composite.MAX_FACES
+        if len(found) > most:
+            self._notify(f"{out.source}: {len(found)} faces found; the {most} largest are "
+                         f"parsed (the instance map numbers up to {most})")
+            found = found[:most]
         out.faces = found
         if not found:
             out.note = "no face found"
             out.labels = np.zeros(rgb.shape[:2], np.uint8)
             out.instances = np.zeros(rgb.shape[:2], np.uint8)
             return out
-        v, r = self.variant, self.variant.resolution
         to_frame = faces_lib.FRAMES[v.data.face_frame]
-        frames = []
-        for face in found:
-            if v.data.crops_to_face and points is not None and np.asarray(points).size >= 136:
-                frames.append(faces_lib.helen_frame_68(points))
-            else:
-                frames.append(to_frame(face.landmarks))
-        group = _FaceGroup(frames)
+        helen68 = v.data.crops_to_face and points is not None and np.asarray(points).size >= 136
+        frames = [faces_lib.helen_frame_68(points) if helen68 else to_frame(face.landmarks)
+                  for face in found]
+        for frame in frames:
+            faces_lib.check(frame, rgb.shape[:2])  # FrameError: a LandmarkError, caught above
+        group = _FaceGroup(frames, faces_lib.Composite(rgb.shape[:2], v.num_classes,
+                                                       with_probabilities))
+        pixels = rgb.astype(np.float32)  # once for all its faces
         inputs = []
         for k, (face, frame) in enumerate(zip(found, frames)):
-            x = preprocess.normalize(faces_lib.crop(rgb, frame, r).round().astype(np.uint8))
+            x = preprocess.normalize(faces_lib.crop(pixels, frame, r).round().astype(np.uint8))
             lm = frame.crop_pixels(face.landmarks, r) if v.needs_landmarks else None
             inputs.append(_ModelInput(out, x, lm, group, k))
         return inputs
@@ -359,12 +375,12 @@ class FaceParser:
             out = p.item
             h, w = out.image.shape[:2]
             if p.group is not None:
-                p.group.logits[p.face] = host[i]
-                if len(p.group.logits) == len(p.group.frames):
-                    pasted = [faces_lib.paste(p.group.logits[k], frame, (h, w))
-                              for k, frame in enumerate(p.group.frames)]
-                    out.labels, out.instances, out.probabilities = faces_lib.compose(
-                        pasted, (h, w), self.variant.num_classes, with_probabilities)
+                p.group.composite.add(p.face + 1, host[i], p.group.frames[p.face])
+                p.group.done += 1
+                if p.group.done == len(p.group.frames):
+                    c = p.group.composite
+                    out.labels, out.instances, out.probabilities = (c.labels, c.instances,
+                                                                    c.probabilities)
                     yield out
             elif out.crop_box is not None:
                 x1, y1, x2, y2 = out.crop_box
@@ -405,7 +421,8 @@ class FaceParser:
             lookahead = 2 * self.batch_size + self.num_threads
             while True:
                 for i, (item, pts) in itertools.islice(todo, lookahead - len(queue)):
-                    queue.append(pool.submit(self._prepare, i, item, pts))
+                    queue.append(pool.submit(self._prepare, i, item, pts,
+                                             with_probabilities))
                 if queue:
                     prepared = queue.popleft().result()
                     if isinstance(prepared, ImageResult):

@@ -177,10 +177,20 @@ def write_outputs(job: Job, result: ImageResult, parser: FaceParser, save: Seque
             info["faces"] = [{
                 "id": k, "box": [round(float(c), 2) for c in face.box],
                 "score": face.score, "landmarks": np.round(face.landmarks, 2).tolist(),
-                "classes": class_areas(np.where(result.instances == k, result.labels, 0),
-                                       v.classes)}
+                "parts": _face_parts(result, k, v.classes)}
                 for k, face in enumerate(result.faces, 1)]
         atomic_write(out["json"], lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+
+
+def _face_parts(result: ImageResult, number: int,
+                class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Pixels of each part (not background) of face ``number``, and their fraction of the
+    face's pixels."""
+    mine = result.labels[result.instances == number]
+    counts = np.bincount(mine, minlength=len(class_names))
+    total = max(int(mine.size), 1)
+    return {name: {"pixels": int(n), "fraction": round(int(n) / total, 6)}
+            for name, n in zip(class_names[1:], counts[1:])}
 
 
 def run_predict(args) -> int:
