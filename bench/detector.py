@@ -4,9 +4,9 @@
 
 The input is ``examples.group_photo(4)`` (four faces) at 640x480 and resized to 1920x1080; both
 detectors use the same pretrained files and defaults (min face 20 px, factor 0.709). Ours
-compiles P-Net once per pyramid level and R-/O-Net once per padded crop count (4 sizes per
-doubling), so the first image of a size is slow: the table reports that first call and the
-median of the next runs.
+compiles P-Net once per padded pyramid-level shape and R-/O-Net once per padded crop count (4
+sizes per doubling in both), so the first image of a size is slow: the table reports that first
+call and the median of the next runs.
 """
 
 from __future__ import annotations

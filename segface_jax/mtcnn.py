@@ -11,6 +11,7 @@ difference of about 1e-6 of the pixel range. The networks are ``segface_jax.mode
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zipfile
 from collections.abc import Callable, Mapping
@@ -114,10 +115,20 @@ class Detections:
 
 
 def _compiled(network: nnx.Module) -> Callable:
-    """``network`` as a jitted function of its input (one compile per input shape)."""
+    """``network`` as a jitted function of its inputs (one compile per input shape)."""
     graphdef, state = nnx.split(network)
-    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    return lambda x: jax.tree.map(np.asarray, run(state, x))
+    run = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))
+    return lambda *inputs: jax.tree.map(np.asarray, run(state, *inputs))
+
+
+def _pnet_cells(n: int) -> int:
+    """P-Net's output cells along an image side of ``n`` pixels (conv 3, ceil-mode pool 2,
+    conv 3, conv 3)."""
+    n = n - 2
+    pooled = math.ceil((n - 2) / 2) + 1
+    if (pooled - 1) * 2 >= n:
+        pooled -= 1
+    return pooled - 4
 
 
 def _normalised(pixels: np.ndarray) -> np.ndarray:
@@ -203,7 +214,12 @@ class MTCNN:
         for scale in self.scales(h, w):
             size = (int(h * scale + 1), int(w * scale + 1))
             level = _normalised(area_resize(image, size, row_sums))
-            offsets, probs = self.pnet(level[None])
+            # padded to a shape bucket: photos of many sizes share a few compiled P-Nets
+            padded = np.zeros((1, *(_bucket(n) for n in size), 3), np.float32)
+            padded[0, :size[0], :size[1]] = level
+            offsets, probs = self.pnet(padded, np.asarray(size, np.int32))
+            rows, cols = (_pnet_cells(n) for n in size)
+            offsets, probs = offsets[:, :rows, :cols], probs[:, :rows, :cols]
             ys, xs = np.nonzero(probs[0, :, :, 1] >= self.thresholds[0])
             cells = np.stack([xs, ys], 1).astype(np.float32)
             s = np.float32(scale)

@@ -131,6 +131,27 @@ def test_network_matches_reference(converted, name):
         assert rel_error(np.asarray(g), t) <= TOL
 
 
+@pytest.mark.parametrize("size", [(37, 53), (38, 52), (13, 12), (12, 15)])
+def test_pnet_on_a_padded_bucket_matches_the_torch_pnet_on_the_image(converted, size):
+    """P-Net on a level padded at the bottom and right to its shape bucket, told the image's
+    size, gives the reference P-Net's maps of the unpadded level on the cells over the image
+    (odd sizes: the ceil-mode pool's last window is partial). Bar: the network bar above."""
+    from segface_jax.mtcnn import _bucket, _pnet_cells
+
+    refs, ours, _ = converted
+    x = np.random.default_rng(sum(size)).uniform(-1, 1, (1, *size, 3)).astype(np.float32)
+    padded = np.full((1, _bucket(size[0]) + 5, _bucket(size[1]) + 3, 3), 9.0, np.float32)
+    padded[:, :size[0], :size[1]] = x  # what lies beyond the image must not matter
+    rows, cols = (_pnet_cells(n) for n in size)
+    with torch.no_grad():
+        want = refs["pnet"](torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    got = ours["pnet"](padded, np.asarray(size, np.int32))
+    for g, t in zip(got, want):
+        t = t.numpy().transpose(0, 2, 3, 1)
+        assert t.shape[1:3] == (rows, cols)
+        assert rel_error(np.asarray(g)[:, :rows, :cols], t) <= TOL
+
+
 @pytest.mark.parametrize("size,window,stride", [(35, 2, 2), (22, 3, 2), (10, 3, 2), (9, 2, 2),
                                                 (7, 3, 2)])
 def test_ceil_mode_pooling_matches_torch(size, window, stride):

@@ -62,8 +62,18 @@ class PNet(nnx.Module):
         self.conv4_1 = _conv(32, 2, 1, rngs)
         self.conv4_2 = _conv(32, 4, 1, rngs)
 
-    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        x = max_pool_ceil(self.prelu1(self.conv1(x)), 2, 2)
+    def __call__(self, x: jnp.ndarray, valid_hw: jnp.ndarray | None = None
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``valid_hw``: the (height, width) of the image inside an input padded at the bottom
+        and right (a shape bucket). The cells over the image then hold exactly what the
+        unpadded image gives: the first convolution's outputs beyond it count as -inf in the
+        ceil-mode pooling, as the edge of the image does; the other cells are to be cut off."""
+        x = self.prelu1(self.conv1(x))
+        if valid_hw is not None:
+            rows = jnp.arange(x.shape[1])[:, None] < valid_hw[0] - 2
+            cols = jnp.arange(x.shape[2])[None, :] < valid_hw[1] - 2
+            x = jnp.where((rows & cols)[None, :, :, None], x, -jnp.inf)
+        x = max_pool_ceil(x, 2, 2)
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         return self.conv4_2(x), jax.nn.softmax(self.conv4_1(x), axis=-1)
 
