@@ -29,12 +29,12 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from segface_jax.convert.detector import load_pretrained
+    from segface_jax.convert import convert_mtcnn
     from segface_jax.examples import group_photo
-    from segface_jax.mtcnn import MTCNN
+    from segface_jax.mtcnn import MTCNN, networks_from_arrays
 
     data = importlib.resources.files("facenet_pytorch") / "data"
-    ours = MTCNN(load_pretrained(data))
+    ours = MTCNN(networks_from_arrays(convert_mtcnn(data)))
     theirs = facenet_pytorch.MTCNN(device="cpu")
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads) "
           f"on {platform.processor() or platform.machine()}\n")

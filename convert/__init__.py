@@ -16,6 +16,8 @@ names below and nothing deeper:
   release file used by demos and tests (``ParityError``: nothing to check, conflicting options).
 - ``check_golden(variant, directory, weights)``: ``parity --golden``, which needs no torch
   (``GoldenError``: golden files missing, of another variant or checkpoint, or modified).
+- ``convert_mtcnn(folder)``: facenet-pytorch's pretrained MTCNN files -> the arrays of our P-,
+  R- and O-Net (``segface_jax.mtcnn.pretrained`` caches them).
 """
 
 from segface_jax.convert.backbone import convert_backbone
@@ -26,6 +28,7 @@ from segface_jax.convert.converter import (
     infer_variant,
     load_state_dict,
 )
+from segface_jax.convert.detector import convert_mtcnn
 from segface_jax.convert.golden import GoldenError, check_golden
 from segface_jax.convert.parity import (
     ParityError,
@@ -36,5 +39,5 @@ from segface_jax.convert.parity import (
 )
 
 __all__ = ["ConversionError", "ConversionReport", "GoldenError", "ParityError", "check_golden",
-           "convert_backbone", "convert_checkpoint", "infer_variant", "load_state_dict",
-           "parity_inputs", "run_parity", "run_parity_all", "seeded_release"]
+           "convert_backbone", "convert_checkpoint", "convert_mtcnn", "infer_variant",
+           "load_state_dict", "parity_inputs", "run_parity", "run_parity_all", "seeded_release"]

@@ -23,7 +23,6 @@ from segface_jax.convert.converter import (
 )
 from segface_jax.convert.rules import Family, Rule, conv, linear
 from segface_jax.models.mtcnn import NETWORKS
-from segface_jax.mtcnn import networks_from_arrays
 
 # facenet-pytorch's module names are the Flax attribute names (segface_jax/models/mtcnn.py)
 RULES = [
@@ -58,14 +57,9 @@ def load_network_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return state
 
 
-def load_pretrained(folder: str | os.PathLike) -> dict[str, nnx.Module]:
-    """PNet, RNet and ONet converted from ``folder``'s pnet.pt, rnet.pt and onet.pt (the
-    layout of facenet-pytorch's ``facenet_pytorch/data``)."""
-    return load_networks({name: convert_network(name, load_network_file(Path(folder) /
-                                                                        f"{name}.pt"))
-                          for name in NETWORKS})
-
-
-def load_networks(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, nnx.Module]:
-    """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
-    return networks_from_arrays(arrays)
+def convert_mtcnn(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """PNet, RNet and ONet arrays (``{"pnet": {path: array}, ...}``) converted from
+    ``folder``'s pnet.pt, rnet.pt and onet.pt (the layout of facenet-pytorch's
+    ``facenet_pytorch/data``); ``segface_jax.mtcnn.networks_from_arrays`` fills the networks."""
+    return {name: convert_network(name, load_network_file(Path(folder) / f"{name}.pt"))
+            for name in NETWORKS}

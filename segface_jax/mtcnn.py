@@ -334,11 +334,11 @@ def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:
     if not path.exists():
         folder = facenet_data()
         try:
-            from segface_jax.convert.converter import ConversionError
-            from segface_jax.convert.detector import convert_network, load_network_file
+            from segface_jax.convert import ConversionError, convert_mtcnn
 
-            flat = {f"{name}/{key}": value for name in NETWORKS for key, value in
-                    convert_network(name, load_network_file(folder / f"{name}.pt")).items()}
+            flat = {f"{name}/{key}": value
+                    for name, arrays in convert_mtcnn(folder).items()
+                    for key, value in arrays.items()}
         except ImportError as e:
             raise DetectorWeightsError(f"converting the face detector's weights from {folder} "
                                        f"needs torch ({e}); install it once, or copy a "

@@ -14,15 +14,15 @@ import pytest
 torch = pytest.importorskip("torch", reason="the reference networks and the converter need torch")
 nn, F = torch.nn, torch.nn.functional
 
+from segface_jax.convert import convert_mtcnn  # noqa: E402
 from segface_jax.convert.converter import ConversionError  # noqa: E402
 from segface_jax.convert.detector import (  # noqa: E402
     convert_network,
     load_network_file,
-    load_networks,
-    load_pretrained,
 )
 from segface_jax.examples import astronaut  # noqa: E402
 from segface_jax.models.mtcnn import max_pool_ceil  # noqa: E402
+from segface_jax.mtcnn import networks_from_arrays  # noqa: E402
 from tests.helpers import facenet_data, rel_error  # noqa: E402
 
 # float32 sums of at most 3*3*64 or 1152 products, in another order than torch's: measured
@@ -112,7 +112,7 @@ def converted(tmp_path_factory):
         refs[name] = _randomised(name, seed)
         torch.save(refs[name].state_dict(), folder / f"{name}.pt")
         arrays[name] = convert_network(name, load_network_file(folder / f"{name}.pt"))
-    return refs, load_networks(arrays), folder
+    return refs, networks_from_arrays(arrays), folder
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -191,7 +191,7 @@ def test_released_weights_match_facenet_pytorch():
     data = facenet_data()
     from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
-    ours = load_pretrained(data)
+    ours = networks_from_arrays(convert_mtcnn(data))
     img = (astronaut().astype(np.float32) - 127.5) / 128  # facenet's normalisation
     crops = {PNet: ("pnet", img[None, :240, :320]), RNet: ("rnet", img[None, 62:86, 181:205]),
              ONet: ("onet", img[None, 62:110, 181:229])}

@@ -373,8 +373,12 @@ def test_detector_weights_without_torch_say_how_to_get_them(tmp_path, monkeypatc
     torch and the cache file a converted copy may go to."""
     from segface_jax import mtcnn
 
-    monkeypatch.setattr(mtcnn, "facenet_data", lambda: tmp_path / "data")
-    monkeypatch.setitem(sys.modules, "segface_jax.convert.detector", None)  # import fails
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("pnet", "rnet", "onet"):
+        (data / f"{name}.pt").write_bytes(b"a file torch would have to read")
+    monkeypatch.setattr(mtcnn, "facenet_data", lambda: data)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
     with pytest.raises(mtcnn.DetectorWeightsError, match="needs torch") as e:
         mtcnn.pretrained(tmp_path)
     assert str(mtcnn.weights_file(tmp_path)) in str(e.value)

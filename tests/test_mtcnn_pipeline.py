@@ -7,12 +7,12 @@ import pytest
 
 from segface_jax.examples import group_photo
 from segface_jax.models.mtcnn import NETWORKS
-from segface_jax.mtcnn import MTCNN, area_resize, nms, nms_min
+from segface_jax.mtcnn import MTCNN, area_resize, networks_from_arrays, nms, nms_min
 
 torch = pytest.importorskip("torch", reason="the references are torch's and torchvision's ops")
 torchvision = pytest.importorskip("torchvision", reason="the NMS reference is torchvision's")
 
-from segface_jax.convert.detector import load_pretrained  # noqa: E402
+from segface_jax.convert import convert_mtcnn  # noqa: E402
 from tests.helpers import facenet_data  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def detectors():
     data = facenet_data()
     import facenet_pytorch
 
-    return MTCNN(load_pretrained(data)), facenet_pytorch.MTCNN(device="cpu")
+    return MTCNN(networks_from_arrays(convert_mtcnn(data))), facenet_pytorch.MTCNN(device="cpu")
 
 
 @pytest.mark.parametrize("faces", [1, 2, 4, 6])
