@@ -208,21 +208,49 @@ def check(frame: Frame, image_hw: tuple[int, int]) -> None:
         raise FrameError(f"the face crop lies outside the {w}x{h} image")
 
 
-def crop(image: np.ndarray, frame: Frame, resolution: int) -> np.ndarray:
+def _span(lo: float, hi: float, n: int, step: int) -> tuple[int, int]:
+    """The pixels [first, end) of an image side of ``n`` that sampling between ``lo`` and
+    ``hi`` (corner coordinates) reads, reflections across the image's edges included, with a
+    margin, the start on a multiple of ``step`` (the shrink's block grid)."""
+    first, end = int(np.floor(lo)) - 2 * step, int(np.ceil(hi)) + 2 * step
+    if first < 0:  # reflected back in across the low edge
+        end = max(end, -first + 2 * step)
+    if end > n:  # and across the high edge
+        first = min(first, 2 * n - end - 2 * step)
+    return max(0, first) // step * step, min(n, end)
+
+
+def crop(image: np.ndarray, frame: Frame, resolution: int, whole: bool = False) -> np.ndarray:
     """The (R, R, 3) float32 crop (0-255) of an (H, W, 3) photo (module docstring; pass the
-    photo as float32 to spare a conversion per face)."""
+    photo as float32 to spare a conversion per face). Only the part of the photo the crop
+    reads is shrunk and sampled (``whole=True``: all of it; the same numbers)."""
     source = np.asarray(image, np.float32)
+    h, w = source.shape[:2]
     # a large face: box-filter the photo first (never below 2 x 2 pixels)
-    shrink = min(int(np.floor(frame.pixel_size(resolution))), *(s // 2 for s in source.shape[:2]))
+    shrink = max(1, min(int(np.floor(frame.pixel_size(resolution))), h // 2, w // 2))
+    corners = frame.corners()
+    (x0, x1), (y0, y1) = ((0, w), (0, h)) if whole else (
+        _span(corners[:, k].min(), corners[:, k].max(), n, shrink)
+        for k, n in ((0, w), (1, h)))
+    if not whole and (x0, x1, y0, y1) != (0, w, 0, h) and (
+            x1 - x0 < 2 * shrink or y1 - y0 < 2 * shrink or _reaches_twice(corners, w, h)):
+        return crop(image, frame, resolution, whole=True)
+    source = source[y0:y1, x0:x1]
     if shrink > 1:
         source = _shrink(source, shrink)
-    shrink = max(shrink, 1)
     n = 2 * resolution  # sampled at 2R, then 2 x 2 blocks averaged
     ab = (np.arange(n, dtype=np.float64) + 0.5) / n
     a, b = np.meshgrid(ab, ab, indexing="xy")
     points = frame.origin + a[..., None] * frame.across + b[..., None] * frame.down
-    sampled = bilinear(source, points / shrink - 0.5)
+    sampled = bilinear(source, (points - [x0, y0]) / shrink - 0.5)
     return sampled.reshape(resolution, 2, resolution, 2, 3).mean((1, 3)).astype(np.float32)
+
+
+def _reaches_twice(corners: np.ndarray, w: int, h: int) -> bool:
+    """Whether the crop reaches further outside the photo than the photo is large (where
+    reflections fold more than once: only the whole photo gives them right)."""
+    lo, hi = corners.min(0), corners.max(0)
+    return bool((lo < -np.array([w, h])).any() or (hi > 2 * np.array([w, h])).any())
 
 
 def footprint(frame: Frame, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
