@@ -150,9 +150,11 @@ def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
 
 def test_config_checks_remat_and_accumulation(tmp_path, lapa_root):
     config = _config(tmp_path, lapa_root, 1)  # global_batch 8, dice_group 4
-    cfg = load_config(config, ["remat=block", "global_batch=16", "accum_steps=2"])
-    assert (cfg.remat, cfg.accum_steps) == ("block", 2)
+    cfg = load_config(config, ["remat=block", "global_batch=16", "accum_steps=2",
+                               "freeze=encoder+fusion"])
+    assert (cfg.remat, cfg.accum_steps, cfg.freeze) == ("block", 2, "encoder+fusion")
     for bad, match in [(["remat=all"], "remat must be one of none, block, encoder"),
+                       (["freeze=decoder"], "freeze must be one of none, encoder, encoder"),
                        (["accum_steps=0"], "accum_steps must be a whole number"),
                        (["accum_steps=3"], r"multiple of accum_steps 3 x \d+ devices"),
                        (["global_batch=16", "accum_steps=2", "dice_group=null"],

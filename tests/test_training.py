@@ -198,6 +198,59 @@ def test_tiny_model_overfits_four_images():
     assert history[-1] <= 0.1 * history[0]
 
 
+@pytest.mark.parametrize("freeze", ["encoder", "encoder+fusion"])
+def test_freezing_labels_parts_by_name(freeze):
+    """``optim.freezing`` on a tree shaped like SegFace's parameters: the frozen parts get
+    exactly zero updates and no optimizer state; the rest get AdamW's (the same numbers as
+    AdamW alone)."""
+    params = {part: {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}
+              for part in ("backbone", "fusion", "face_decoder")}
+    grads = jax.tree.map(lambda p: p * 0.1 + 0.2, params)
+    tx = optim.freezing(optim.adamw(1e-3, 1e-5), freeze)
+    plain = optim.adamw(1e-3, 1e-5)
+    updates, state = tx.update(grads, tx.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    for part in params:
+        for name in ("w", "b"):
+            if part in optim.FREEZE[freeze]:
+                assert not np.asarray(updates[part][name]).any()
+            else:
+                np.testing.assert_array_equal(updates[part][name], want[part][name])
+    trained = [p for p in params if p not in optim.FREEZE[freeze]]
+    moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert moments == 2 * 8 * len(trained)  # mu and nu of 6 + 2 values per trained part
+    with pytest.raises(ValueError, match="freeze must be one of none, encoder"):
+        optim.freezing(plain, "decoder")
+
+
+@pytest.mark.slow
+def test_frozen_parts_stay_bit_identical_through_training_steps():
+    """Three training steps of a tiny SegFace with freeze="encoder+fusion": the encoder's and
+    the fusion's parameters are bit for bit the initial ones, the decoder's move, and the
+    optimizer holds Adam moments for the decoder's parameters only."""
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+             "label": rng.integers(0, 3, (2, 32, 32)).astype(np.uint8),
+             "landmarks": np.zeros((2, 5, 2), np.float32)}
+    frozen = optim.FREEZE["encoder+fusion"]
+    tx = optim.freezing(optim.adamw(1e-3, 1e-5), "encoder+fusion")
+    graphdef, state = step.init_state(_tiny_segface(("background", "a", "b")), tx)
+    start = jax.tree.map(np.array, state["params"])
+    train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
+                                 needs_landmarks=False)
+    for _ in range(3):
+        state, _ = train(state, batch)
+    after = jax.tree.map(np.array, state["params"])
+    assert set(after) >= {"backbone", "fusion", "face_decoder"}
+    for part in after:
+        same = jax.tree.all(jax.tree.map(np.array_equal, start[part], after[part]))
+        assert same == (part in frozen), part
+    moments = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
+    trained = sum(x.size for part in after if part not in frozen
+                  for x in jax.tree.leaves(after[part]))
+    assert moments == 2 * trained  # Adam's mu and nu, nothing for the frozen parts
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     """bfloat16 compute: parameters and optimizer state stay float32, the loss stays close."""
     rng = np.random.default_rng(2)

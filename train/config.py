@@ -56,6 +56,7 @@ class TrainConfig:
     remat: str = "none"  # recompute in the backward pass: none | block (each encoder block)
     #                      | encoder (the whole encoder)
     accum_steps: int = 1  # micro-batches per step (gradient accumulation; whole Dice groups)
+    freeze: str = "none"  # parts left as loaded: none | encoder | encoder+fusion
     peak_tflops: float | None = None  # per-device peak for MFU (default: train/perf.py's table)
 
     # -- small models and inputs (tests, smoke runs) -----------------------------------------
@@ -120,10 +121,13 @@ def check_config(cfg: TrainConfig, device_count: int) -> None:
     """Raise ``TrainingError`` naming the first value ``cfg`` cannot train with on
     ``device_count`` devices (batch splits, Dice groups, remat, accumulation)."""
     from segface_jax.models.layers import REMAT_POLICIES
+    from segface_jax.train.optim import FREEZE
 
     if cfg.remat not in REMAT_POLICIES:
         raise TrainingError(f"remat must be one of {', '.join(REMAT_POLICIES)}, not "
                             f"{cfg.remat!r}")
+    if cfg.freeze not in FREEZE:
+        raise TrainingError(f"freeze must be one of {', '.join(FREEZE)}, not {cfg.freeze!r}")
     if not isinstance(cfg.accum_steps, int) or cfg.accum_steps < 1:
         raise TrainingError(f"accum_steps must be a whole number >= 1, not {cfg.accum_steps!r}")
     if cfg.global_batch % (cfg.accum_steps * device_count):

@@ -131,7 +131,8 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                             f"{cfg.global_batch}")
     mesh = data_mesh()
     schedule = optim.multistep_schedule(cfg.lr, cfg.milestones, cfg.gamma, steps_per_epoch)
-    tx = optim.adamw(schedule, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2, cfg.adam_eps)
+    tx = optim.freezing(optim.adamw(schedule, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2,
+                                    cfg.adam_eps), cfg.freeze)
     model = build_model(cfg)
     set_remat(model, cfg.remat)
     graphdef, state = step.init_state(model, tx, cfg.seed)
