@@ -79,11 +79,6 @@ class Frame:
         centre = np.asarray(centre, np.float64)
         return cls(centre - half, np.array([2.0 * half, 0.0]), np.array([0.0, 2.0 * half]))
 
-    @property
-    def matrix(self) -> np.ndarray:
-        """(2, 3) affine map from (a, b, 1) to photo corner coordinates."""
-        return np.stack([self.across, self.down, self.origin], 1).astype(np.float64)
-
     def to_crop(self, points: np.ndarray) -> np.ndarray:
         """Photo corner coordinates (..., 2) -> crop coordinates (a, b), (..., 2)."""
         linear = np.stack([self.across, self.down], 1)
@@ -168,8 +163,8 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
 
 
 def _shrink(image: np.ndarray, factor: int) -> np.ndarray:
-    """Average ``factor`` x ``factor`` blocks (the edge rows/columns that do not fill a block
-    are dropped, as PIL's box reduce would shade them)."""
+    """Average ``factor`` x ``factor`` blocks; the last rows and columns that do not fill a
+    block are dropped (at most ``factor`` - 1 pixels at the bottom and right edges)."""
     h, w = (s // factor * factor for s in image.shape[:2])
     blocks = image[:h, :w].reshape(h // factor, factor, w // factor, factor, -1)
     return blocks.mean((1, 3))

@@ -12,6 +12,10 @@ batched into a fixed set of compiled batch shapes (powers of two up to ``batch_s
 batch padded), and the logits resized back to each image's size before the argmax (bilinear,
 as upstream's evaluation). LaPa models align faces with 5 landmarks; Helen models crop the box
 of 68 landmarks as upstream's Helen pipeline does.
+
+With a detector (``from_pretrained(..., detector="mtcnn")``), every face in an image is cut out
+as its model's training faces were (``segface_jax.faces``), the faces of all images are batched
+together, and each face's result is pasted back into its image (class and instance maps).
 """
 
 from __future__ import annotations
