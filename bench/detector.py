@@ -12,7 +12,6 @@ call and the median of the next runs.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import platform
 import time
 
@@ -31,9 +30,9 @@ def main() -> None:
 
     from segface_jax.convert import convert_mtcnn
     from segface_jax.examples import group_photo
-    from segface_jax.mtcnn import MTCNN, networks_from_arrays
+    from segface_jax.mtcnn import MTCNN, facenet_data, networks_from_arrays
 
-    data = importlib.resources.files("facenet_pytorch") / "data"
+    data = facenet_data()
     ours = MTCNN(networks_from_arrays(convert_mtcnn(data)))
     theirs = facenet_pytorch.MTCNN(device="cpu")
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads) "

@@ -248,7 +248,7 @@ def _row(name: str, batch: int, j: dict, t: list[dict], args, gpu: bool) -> str:
     if args.torch_compile:
         cells += [_cell(t[1], ".3f"), _ratio(j, t[1])]
     per_s = [flops / r["s"] if "error" not in r else float("nan") for r in (j, t[0])]
-    cells += [_cell({"v": batch / j["s"]} if "s" in j else j, ".1f", "v"),
+    cells += ["-" if "error" in j else f"{batch / j['s']:.1f}",
               f"{flops / 1e9:.0f}", f"{per_s[0] / 1e9:.0f}", f"{per_s[1] / 1e9:.0f}"]
     if args.peak_tflops:
         cells += [f"{100 * f / (args.peak_tflops * 1e12):.0f}%" for f in per_s]

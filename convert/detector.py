@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from segface_jax.checkpoint import flat_state
 from segface_jax.convert.converter import (
@@ -22,7 +21,7 @@ from segface_jax.convert.converter import (
     torch_load,
 )
 from segface_jax.convert.rules import Family, Rule, conv, linear
-from segface_jax.models.mtcnn import NETWORKS
+from segface_jax.models.mtcnn import NETWORKS, abstract_network
 
 # facenet-pytorch's module names are the Flax attribute names (segface_jax/models/mtcnn.py)
 RULES = [
@@ -33,11 +32,6 @@ RULES = [
     Rule(r"(dense\d(?:_\d)?)\.bias", r"\1.bias"),
 ]
 FAMILY = Family("mtcnn", RULES, [], {})
-
-
-def abstract_network(name: str) -> nnx.Module:
-    """The network's structure with ShapeDtypeStruct leaves (nothing allocated)."""
-    return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
 
 
 def convert_network(name: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from segface_jax import preprocess
+from segface_jax.landmarks import mirror_landmarks
 
 # scikit-image's ``astronaut`` (512 x 512): a square crop around the face and its 5 landmarks
 # (eye centres, nose tip, mouth corners) in full-image pixels, read off the photo by eye.
@@ -30,7 +31,7 @@ def sample_faces(resolution: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     rgb, _, lm = sample_face(resolution)
     lm = lm[0]
     # mirrored: x -> (r - 1) - x with pixel centres at integers, and left and right swapped
-    mirrored = np.stack([resolution - 1 - lm[:, 0], lm[:, 1]], -1)[[1, 0, 2, 4, 3]]
+    mirrored = mirror_landmarks(lm, resolution)
     return [("astronaut", rgb, lm), ("astronaut, mirrored", rgb[:, ::-1].copy(), mirrored),
             ("astronaut, rotated 20 degrees", *_rotated_face(resolution, 20.0))]
 

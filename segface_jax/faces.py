@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from segface_jax import postprocess
 from segface_jax.align import STANDARD_FACE_POINTS
 
 
@@ -276,11 +277,6 @@ def paste(logits: np.ndarray, frame: Frame, image_hw: tuple[int, int],
     return values, covered, (y0, max(y0, y1), x0, x1)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 class Composite:
     """The faces of one photo joined as their logits arrive (the rule in the module
     docstring), pasted in bands of rows so memory stays a few bands of the photo:
@@ -299,8 +295,7 @@ class Composite:
         self._claim = np.zeros(image_hw, np.float32)  # the owner's non-background probability
         self.probabilities = None
         if with_probabilities:
-            self.probabilities = np.zeros((*image_hw, num_classes), np.float32)
-            self.probabilities[..., 0] = 1.0
+            self.probabilities = postprocess.background_probabilities(image_hw, num_classes)
 
     def add(self, number: int, logits: np.ndarray, frame: Frame) -> None:
         """Paste face ``number`` (1-255): its (R, R, C) crop logits and where the crop lies."""
@@ -310,7 +305,7 @@ class Composite:
         for start in range(y0, y1, self.ROWS):
             values, covered, (a, b, x0, x1) = paste(logits, frame, self.hw,
                                                     (start, start + self.ROWS))
-            probs = _softmax(values)
+            probs = postprocess.softmax(values)
             label = values.argmax(-1)
             claim = np.where(covered, 1.0 - probs[..., 0], 0.0)
             window = (slice(a, b), slice(x0, x1))

@@ -128,3 +128,11 @@ def lookup(table: Mapping[str, np.ndarray], image_path: str | os.PathLike) -> np
         if key in table:
             return table[key]
     return None
+
+
+def mirror_landmarks(points: np.ndarray, resolution: int) -> np.ndarray:
+    """(..., 5, 2) pixel landmarks of an R-wide image -> those of its mirror image: x becomes
+    R - 1 - x (pixel centres at integers), and left and right eyes and mouth corners swap."""
+    flipped = np.asarray(points, np.float32).copy()
+    flipped[..., 0] = resolution - 1 - flipped[..., 0]
+    return flipped[..., [1, 0, 2, 4, 3], :]

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from segface_jax.models.mtcnn import NETWORKS
+from segface_jax.models.mtcnn import NETWORKS, abstract_network
 
 
 def _prefix_sums(x: np.ndarray, axis: int) -> np.ndarray:
@@ -318,10 +318,7 @@ def networks_from_arrays(arrays: Mapping[str, Mapping[str, np.ndarray]]
     """PNet, RNet and ONet filled with converted arrays (``{"pnet": {path: array}, ...}``)."""
     from segface_jax.checkpoint import fill_module
 
-    def abstract(name: str) -> nnx.Module:  # shapes only: no random initialisation to compile
-        return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
-
-    return {name: fill_module(abstract(name), dict(arrays[name])) for name in NETWORKS}
+    return {name: fill_module(abstract_network(name), dict(arrays[name])) for name in NETWORKS}
 
 
 def pretrained(cache: str | os.PathLike | None = None, **options: Any) -> MTCNN:

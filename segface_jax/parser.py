@@ -140,14 +140,6 @@ FACE_MODES = ("all", "largest", "none")
 TTA_MODES = ("none", "flip")
 
 
-def mirror_landmarks(points: np.ndarray, resolution: int) -> np.ndarray:
-    """(..., 5, 2) pixel landmarks of an R-wide image -> those of its mirror image: x becomes
-    R - 1 - x (pixel centres at integers), and left and right eyes and mouth corners swap."""
-    flipped = np.asarray(points, np.float32).copy()
-    flipped[..., 0] = resolution - 1 - flipped[..., 0]
-    return flipped[..., [1, 0, 2, 4, 3], :]
-
-
 @jax.jit
 def _flip_average(logits: jax.Array, mirrored: jax.Array, mirror: jax.Array) -> jax.Array:
     """Flip test-time augmentation: the log of the mean of the image's probabilities and its
@@ -366,7 +358,7 @@ class FaceParser:
             lm[:n] = np.stack([p.lm for p in batch])
         logits = self.model(x, landmarks=lm)  # dispatched asynchronously
         if self.tta == "flip":
-            mirrored_lm = None if lm is None else mirror_landmarks(lm, self.variant.resolution)
+            mirrored_lm = None if lm is None else lmk.mirror_landmarks(lm, self.variant.resolution)
             mirrored = self.model(np.ascontiguousarray(x[:, :, ::-1]), landmarks=mirrored_lm)
             logits = _flip_average(logits, mirrored, self._mirror)
         return logits

@@ -80,8 +80,7 @@ def paste(labels: np.ndarray, probs: np.ndarray | None, box: tuple[int, int, int
     full[y1:y2, x1:x2] = labels
     if probs is None:
         return full, None
-    full_p = np.zeros((*image_hw, probs.shape[-1]), np.float32)
-    full_p[..., 0] = 1.0
+    full_p = background_probabilities(image_hw, probs.shape[-1])
     full_p[y1:y2, x1:x2] = probs
     return full, full_p
 

@@ -186,11 +186,8 @@ def _face_parts(result: ImageResult, number: int,
                 class_names: Sequence[str]) -> dict[str, dict[str, float]]:
     """Pixels of each part (not background) of face ``number``, and their fraction of the
     face's pixels."""
-    mine = result.labels[result.instances == number]
-    counts = np.bincount(mine, minlength=len(class_names))
-    total = max(int(mine.size), 1)
-    return {name: {"pixels": int(n), "fraction": round(int(n) / total, 6)}
-            for name, n in zip(class_names[1:], counts[1:])}
+    areas = class_areas(result.labels[result.instances == number], class_names)
+    return {name: area for name, area in areas.items() if name != class_names[0]}
 
 
 def run_predict(args) -> int:

@@ -103,10 +103,11 @@ def gradient_errors(ours: dict[str, np.ndarray], g32: dict[str, np.ndarray],
 def facenet_data():
     """facenet-pytorch's pretrained MTCNN folder; skips the test when the package is absent
     (outside CI: `.ci/run` installs it, and there a missing package fails the test)."""
-    import importlib.resources
     import os
 
     import pytest
+
+    from segface_jax.mtcnn import facenet_data as data_folder
 
     try:
         import facenet_pytorch  # noqa: F401
@@ -115,4 +116,4 @@ def facenet_data():
             raise
         pytest.skip("facenet-pytorch is not installed; it pins torch<2.3, so install it with "
                     "pip install --no-deps facenet-pytorch==2.6.0")
-    return importlib.resources.files("facenet_pytorch") / "data"
+    return data_folder()

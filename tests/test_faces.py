@@ -15,6 +15,7 @@ from PIL import Image
 
 from segface_jax import faces
 from segface_jax.examples import ASTRONAUT_LANDMARKS, astronaut, group_photo
+from segface_jax.landmarks import mirror_landmarks
 
 R = 256
 
@@ -118,7 +119,6 @@ def test_mirrored_landmarks_are_the_mirror_images():
     """x -> R - 1 - x with pixel centres at integers, left and right points swapped: the
     symmetric LaPa template maps onto itself, and mirroring twice is the identity."""
     from segface_jax.align import standard_landmarks
-    from segface_jax.parser import mirror_landmarks
 
     for r in (224, 512):
         np.testing.assert_allclose(mirror_landmarks(standard_landmarks(r), r),
@@ -151,8 +151,7 @@ def test_celebahq_crop_undoes_rotation_and_mirroring_of_the_face():
     c = slice(R // 10, R - R // 10)
     assert np.abs(a[c, c] - b[c, c]).mean() < 4.0
     # mirrored photo: mirrored landmarks (left and right swapped) give the mirrored crop
-    mirrored = np.stack([511 - ASTRONAUT_LANDMARKS[:, 0], ASTRONAUT_LANDMARKS[:, 1]],
-                        -1)[[1, 0, 2, 4, 3]]
+    mirrored = mirror_landmarks(ASTRONAUT_LANDMARKS, 512)
     m = faces.crop(rgb[:, ::-1], faces.celebahq_frame(mirrored), R)
     assert np.abs(a[c, c] - m[c, c][:, ::-1]).mean() < 0.01
 

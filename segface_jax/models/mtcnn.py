@@ -119,3 +119,9 @@ class ONet(nnx.Module):
 
 
 NETWORKS = {"pnet": PNet, "rnet": RNet, "onet": ONet}
+
+
+def abstract_network(name: str) -> nnx.Module:
+    """Network ``name`` (pnet, rnet, onet) with ShapeDtypeStruct leaves: nothing allocated and
+    no random initialisation compiled."""
+    return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
