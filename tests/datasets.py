@@ -93,3 +93,65 @@ def write_helen(root: Path) -> Path:
             lines.append(" ".join(f"{v:.3f}" for v in (2 * pts).ravel()) + f" {name}")
     (root / "landmarks.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+# A user's own set relative to CelebAMask-HQ: the lips split in two (merged by a mapping),
+# and a class CelebAMask-HQ does not have (beard).
+OWN_CLASSES = ("background", "face", "upperlip", "lowerlip", "hair", "beard")
+OWN_COLOURS = ((20, 20, 20), (220, 170, 140), (200, 40, 60), (150, 20, 40), (60, 40, 20),
+               (90, 90, 200))
+
+
+def own_example(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """(image, mask): a face-like layout whose classes have their own colours (learnable in a
+    few steps), shifted per seed; mask values index ``OWN_CLASSES``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    dx, dy = rng.uniform(-0.08, 0.08, 2)
+    mask = np.zeros((size, size), np.uint8)
+    mask[(xx - 0.5 - dx) ** 2 / 0.09 + (yy - 0.5 - dy) ** 2 / 0.14 < 1] = 1  # face
+    mask[yy < 0.18 + dy] = 4  # hair
+    lips = np.abs(xx - 0.5 - dx) < 0.12
+    mask[lips & (np.abs(yy - 0.64 - dy) < 0.03)] = 2
+    mask[lips & (np.abs(yy - 0.70 - dy) < 0.03)] = 3
+    mask[(mask == 1) & (yy > 0.78 + dy)] = 5  # beard
+    image = np.asarray(OWN_COLOURS, np.float32)[mask] + rng.normal(0, 8, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def write_own(root: Path, n: dict[str, int] | None = None, landmarks: bool = False,
+              lists: bool = False) -> Path:
+    """A dataset in the generic layout with ``OWN_CLASSES``: ``<split>/images|masks`` (or,
+    with ``lists``, one ``images/``, ``masks/`` and ``<split>.txt`` files), palette-PNG masks,
+    and with ``landmarks`` a ``<stem>.txt`` of 5 points per image."""
+    import json
+
+    n = n or {"train": 12, "val": 2, "test": 2}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text(json.dumps(
+        {"name": "own", "classes": list(OWN_CLASSES), "colours": [list(c) for c in OWN_COLOURS]}))
+    seed = 0
+    for split, count in n.items():
+        base = root if lists else root / split
+        stems = []
+        for i in range(count):
+            stem = f"{split}_{i:03d}"
+            image, mask = own_example(seed)
+            seed += 1
+            (base / "images").mkdir(parents=True, exist_ok=True)
+            (base / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(base / "images" / f"{stem}.jpg", quality=95)
+            pal = Image.fromarray(mask, mode="P")
+            pal.putpalette([v for c in OWN_COLOURS for v in c])
+            pal.save(base / "masks" / f"{stem}.png")
+            if landmarks:
+                (base / "landmarks").mkdir(parents=True, exist_ok=True)
+                s = image.shape[0]
+                pts = np.array([[0.38, 0.42], [0.62, 0.42], [0.5, 0.55], [0.4, 0.67],
+                                [0.6, 0.67]]) * s
+                (base / "landmarks" / f"{stem}.txt").write_text(
+                    "\n".join(f"{x:.2f} {y:.2f}" for x, y in pts))
+            stems.append(stem)
+        if lists:
+            (root / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    return root

@@ -53,7 +53,8 @@ def header_size(path: Path) -> tuple[int, int]:
     return size
 
 
-def _check_sizes(report: CheckReport, image: Path | None, labels: list[Path]) -> None:
+def _check_sizes(report: CheckReport, image: Path | None, labels: list[Path],
+                 kind: str = "labels whose size differs") -> None:
     """Headers of a sample's existing files: readable, complete, label sizes consistent (with
     the image too when ``image`` is given: CelebAMask-HQ's 512 px masks label 1024 px photos)."""
     sizes = {}
@@ -67,7 +68,7 @@ def _check_sizes(report: CheckReport, image: Path | None, labels: list[Path]) ->
     want = sizes.get(image) if image is not None else (found[0] if found else None)
     for p in labels:
         if p in sizes and want is not None and sizes[p] != want:
-            report.add("labels whose size differs", f"{p} {sizes[p]} vs {want}")
+            report.add(kind, f"{p} {sizes[p]} vs {want}")
 
 
 def check_split(dataset: str, root: str | Path, split: str, decode: bool = False) -> CheckReport:
@@ -139,17 +140,72 @@ def _check_helen(report: CheckReport, source: data.Helen) -> None:
             report.add("samples missing from landmarks.txt", name)
 
 
+def _check_folder(report: CheckReport, source: data.Folder) -> None:
+    """The generic layout: pairs, sizes, mask values against classes.json, landmarks."""
+    images = source.base / "images"
+    stems: dict[str, list[str]] = {}
+    for p in images.iterdir():
+        if p.suffix.lower() in data.IMAGE_SUFFIXES:
+            stems.setdefault(p.stem, []).append(p.name)
+    for _, names in sorted(stems.items()):
+        if len(names) > 1:
+            report.add("images sharing a stem (one mask cannot label both)",
+                       f"{images}/{{{','.join(sorted(names))}}}")
+    for name in source.names:
+        image, mask, landmarks = source.paths(name)
+        if name not in source.images:
+            report.add("listed but missing images", f"{image.parent / name}.*")
+            continue
+        if not mask.is_file():
+            report.add("images without a mask", str(mask))
+            continue
+        before = len(report.problems.get("unreadable or truncated files", ()))
+        _check_sizes(report, image, [mask], "masks whose size differs from the image")
+        if len(report.problems.get("unreadable or truncated files", ())) == before:
+            try:
+                source.label(name)  # masks are small: their values are always checked
+            except data.DataError as e:
+                kind = ("masks with values outside classes.json" if "not classes of" in str(e)
+                        else "unreadable masks")
+                report.add(kind, str(e))
+        if source.data.aligns:
+            if not landmarks.is_file():
+                report.add("missing landmark files", str(landmarks))
+            else:
+                try:
+                    source.points(name)
+                except data.DataError as e:
+                    report.add("bad landmark files", str(e))
+    masks = source.base / "masks"
+    if masks.is_dir():
+        for png in sorted(masks.glob("*.png")):
+            if png.stem not in source.images:
+                report.add("masks without an image", str(png))
+
+
 # each source layout's own file checks
 _LAYOUT_CHECKS = {data.CelebAMaskHQ: _check_celebamask_hq, data.LaPa: _check_lapa,
-                  data.Helen: _check_helen}
+                  data.Helen: _check_helen, data.Folder: _check_folder}
 
 
 def run_check(args) -> int:
     """The ``data check`` command: exit status 1 when anything is missing."""
-    if args.dataset not in DATASETS:
+    if args.dataset not in data.SOURCES:
         raise data.DataError(f"unknown dataset {args.dataset!r}; choose from "
-                             f"{', '.join(DATASETS)}")
-    splits = DATASETS[args.dataset].splits if args.split == "all" else (args.split,)
+                             f"{', '.join(data.SOURCES)}")
+    if args.split != "all":
+        splits: tuple[str, ...] = (args.split,)
+    elif args.dataset == "folder":
+        try:
+            splits = data.folder_dataset(args.root).splits
+        except data.DataError as e:
+            report = CheckReport(args.dataset, "all")
+            report.add("layout errors", str(e))
+            print("\n".join(report.lines()))
+            print(f"{args.root}: fix the layout before training")
+            return 1
+    else:
+        splits = DATASETS[args.dataset].splits
     reports = [check_split(args.dataset, args.root, s, args.decode) for s in splits]
     for r in reports:
         print("\n".join(r.lines()))

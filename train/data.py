@@ -1,4 +1,5 @@
-"""CelebAMask-HQ, LaPa and Helen, read exactly as upstream reads them.
+"""CelebAMask-HQ, LaPa and Helen, read exactly as upstream reads them, and any dataset in the
+generic layout (``Folder``).
 
 A *source* (random access: ``len``, ``[i]``) yields raw records at the files' own size:
 ``{"image": (H, W, 3) uint8, "label": (h, w) uint8, "points": (K, 2) float32, "name": str}``
@@ -14,6 +15,12 @@ upstream's data loaders' rules:
   affine (rotation +-30 deg, scale 0.5-3, translation +-20 px) to image, label and landmarks.
 * Helen: ``<split>/<name>_image.jpg`` and ``_label.png``, ``landmarks.txt`` (68 points at twice
   the image scale, halved as upstream does); a square crop of 1.2 x the landmark extent.
+* Generic layout (``Folder``): ``classes.json`` (``segface_jax/labels.py``), ``images/``,
+  ``masks/`` (PNG of class indices, palette or grayscale, same stem as the image) and optional
+  ``landmarks/`` (5, 68 or 106 points per ``<stem>.txt``); splits are sub-folders
+  (``<root>/<split>/images``...) or list files (``<root>/<split>.txt``, one stem per line), and
+  a root with neither is all ``train``. With landmarks, examples are aligned and trained with
+  LaPa's random affine; without, plainly resized, as CelebAMask-HQ.
 * Images resized bicubic, labels nearest; landmarks scaled to R. Normalisation (ImageNet mean
   and std) happens on the device, so batches travel as uint8.
 """
@@ -30,7 +37,8 @@ import numpy as np
 from PIL import Image
 
 from segface_jax import landmarks as lmk
-from segface_jax.datasets import DATASETS, get_dataset
+from segface_jax.datasets import DATASETS, Dataset, get_dataset
+from segface_jax.labels import IGNORE, LabelError, LabelMapping, read_label_set
 
 # Part masks in label order: label value = 1 + index; later parts overwrite earlier ones.
 CELEBA_PARTS = ("neck", "skin", "cloth", "l_ear", "r_ear", "l_brow", "r_brow", "l_eye", "r_eye",
@@ -238,19 +246,155 @@ class Helen(_Source):
                 "name": name}
 
 
-SOURCES = {source.dataset: source for source in (CelebAMaskHQ, LaPa, Helen)}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+GENERIC_SPLITS = ("train", "val", "test")
+
+
+def folder_dataset(root: str | os.PathLike) -> Dataset:
+    """The ``Dataset`` of a folder in the generic layout: its ``classes.json`` label set, its
+    splits, and whether it carries landmarks (then it aligns and augments as LaPa)."""
+    root = Path(root)
+    try:
+        labels = read_label_set(root / "classes.json")
+    except LabelError as e:
+        raise DataError(str(e)) from None
+    splits = tuple(s for s in GENERIC_SPLITS if Folder.has_split(root, s))
+    landmarks = any((root / s / "landmarks").is_dir() for s in splits) or (
+        root / "landmarks").is_dir()
+    return Dataset("folder", labels.name, labels, splits or ("train",), val_split="val",
+                   aligns=landmarks, affine_augment=landmarks,
+                   face_frame="lapa" if landmarks else "celebahq")
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """A mask's class indices: a palette PNG's indices or a grayscale image's values."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            mask = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such mask") from None
+    except OSError as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    if mask.ndim == 3:  # RGB(A) that is really gray (an index mask saved as colour) is fine
+        if not (np.array_equal(mask[..., 0], mask[..., 1])
+                and np.array_equal(mask[..., 0], mask[..., 2])):
+            raise DataError(f"{path}: a colour ({mode}) mask; save class indices instead "
+                            "(a palette or grayscale PNG whose values are the classes.json "
+                            "indices)")
+        mask = mask[..., 0]
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise DataError(f"{path}: mask values reach {int(mask.max())}; class indices are "
+                            "0..254")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+class Folder(_Source):
+    """A dataset in the generic layout (see the module docstring)."""
+
+    dataset = "folder"
+
+    def __init__(self, root: str | os.PathLike, split: str, data: Dataset | None = None):
+        self.root, self.split = Path(root), split
+        self.data = data or folder_dataset(self.root)
+        self.base, listed = self._layout(self.root, split)
+        folder = self.base / "images"
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing; the generic layout is <root>/images, masks "
+                            "(and landmarks), or <root>/<split>/images, ...")
+        self.images: dict[str, Path] = {}
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                self.images.setdefault(p.stem, p)
+        self.names = sorted(self.images) if listed is None else listed
+
+    @staticmethod
+    def _layout(root: Path, split: str) -> tuple[Path, list[str] | None]:
+        """(folder holding images/ and masks/, the split's stems from its list file or None)."""
+        if (root / split / "images").is_dir():
+            return root / split, None
+        listing = root / f"{split}.txt"
+        if listing.is_file():
+            return root, [line.strip() for line in listing.read_text().splitlines()
+                          if line.strip()]
+        if split == "train" and not any((root / f"{s}.txt").is_file() for s in GENERIC_SPLITS):
+            return root, None
+        raise DataError(f"{root}: no {split} split (neither {root / split / 'images'} nor "
+                        f"{listing})")
+
+    @classmethod
+    def has_split(cls, root: Path, split: str) -> bool:
+        """Whether ``root`` has ``split``: a sub-folder, a list file or (train) a flat root."""
+        try:
+            base, _ = cls._layout(Path(root), split)
+        except DataError:
+            return False
+        return (base / "images").is_dir()
+
+    def paths(self, name: str) -> tuple[Path, Path, Path]:
+        """Image, mask and landmark file of ``name`` (the image as found, .jpg if missing)."""
+        image = self.images.get(name, self.base / "images" / f"{name}.jpg")
+        return (image, self.base / "masks" / f"{name}.png",
+                self.base / "landmarks" / f"{name}.txt")
+
+    def points(self, name: str) -> np.ndarray:
+        """The landmarks of ``name`` ((0, 2) when the dataset has none)."""
+        if not self.data.aligns:
+            return np.zeros((0, 2), np.float32)
+        try:
+            return lmk.read_points_txt(self.paths(name)[2])
+        except lmk.LandmarkError as e:
+            raise DataError(str(e)) from None
+
+    def label(self, name: str, image_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The mask of ``name`` as class indices, 255 where ignored; ``DataError`` for a size
+        other than ``image_hw`` or a value that is no class."""
+        path = self.paths(name)[1]
+        mask = _read_mask(path)
+        if image_hw is not None and mask.shape != tuple(image_hw):
+            raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image "
+                            f"{image_hw[1]}x{image_hw[0]}")
+        labels = self.data.labels
+        bad = np.setdiff1d(np.unique(mask), [*range(len(labels)), labels.ignore_index])
+        if bad.size:
+            raise DataError(f"{path}: values {bad.tolist()} are not classes of "
+                            f"{self.root / 'classes.json'} (0..{len(labels) - 1}, ignore "
+                            f"{labels.ignore_index})")
+        return np.where(mask == labels.ignore_index, IGNORE, mask).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name = self.names[i]
+        image = _read_rgb(self.paths(name)[0])
+        return {"image": image, "label": self.label(name, image.shape[:2]),
+                "points": self.points(name), "name": name}
+
+
+SOURCES = {source.dataset: source for source in (CelebAMaskHQ, LaPa, Helen, Folder)}
 
 
 def open_source(dataset: str, root: str | os.PathLike, split: str):
-    """The raw-folder source of ``dataset``/``split`` under ``root``."""
+    """The raw-folder source of ``dataset``/``split`` under ``root`` (``folder``: the generic
+    layout)."""
     if dataset not in SOURCES:
-        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(SOURCES)}")
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: no such folder")
+    if dataset == "folder":
+        return Folder(root, split)
     splits = DATASETS[dataset].splits
     if split not in splits:
         raise DataError(f"{dataset} has no {split!r} split; it has {', '.join(splits)}")
-    if not Path(root).is_dir():
-        raise DataError(f"{root}: no such folder")
     return SOURCES[dataset](root, split)
+
+
+def source_dataset(source) -> Dataset:
+    """The ``Dataset`` a source's records belong to."""
+    return getattr(source, "data", None) or DATASETS[source.dataset]
 
 
 # -- transforms -------------------------------------------------------------------------------
@@ -308,11 +452,15 @@ def _resize(image: np.ndarray, label: np.ndarray, r: int) -> tuple[np.ndarray, n
     return resize_rgb(image, r), lab
 
 
-def prepare(record: dict[str, Any], dataset: str, resolution: int,
-            rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """A raw record -> a model example at ``resolution`` (``rng``: LaPa training augmentation)."""
+def prepare(record: dict[str, Any], dataset: Dataset | str, resolution: int,
+            rng: np.random.Generator | None = None,
+            mapping: LabelMapping | None = None) -> dict[str, np.ndarray]:
+    """A raw record -> a model example at ``resolution`` (``rng``: LaPa training augmentation;
+    ``mapping``: the label in another label set, 255 where it ignores a class)."""
     d = get_dataset(dataset)
     image, label, points = record["image"], record["label"], record["points"]
+    if mapping is not None:
+        label = mapping.apply(label)
     r = resolution
     if d.landmark_scale != 1.0:
         points = points * np.float32(d.landmark_scale)

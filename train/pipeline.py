@@ -22,7 +22,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from segface_jax.datasets import DATASETS
+from segface_jax.datasets import Dataset, get_dataset
+from segface_jax.labels import LabelMapping
 from segface_jax.train import data
 
 
@@ -30,11 +31,12 @@ from segface_jax.train import data
 class Prepare(grain.transforms.Map):
     """Raw record -> model example without randomness (evaluation, and CelebA/Helen training)."""
 
-    dataset: str
+    dataset: Dataset
     resolution: int
+    mapping: LabelMapping | None = None  # labels into another label set
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        return data.prepare(record, self.dataset, self.resolution)
+        return data.prepare(record, self.dataset, self.resolution, mapping=self.mapping)
 
 
 def _flags_parsed() -> None:
@@ -97,19 +99,20 @@ class _TrainExample:
 
     source: Any
     order: GlobalOrder
-    dataset: str
+    dataset: Dataset
     resolution: int
     rows: int  # this process's rows per global batch
     process_index: int
     augment: bool
+    mapping: LabelMapping | None = None
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         step, row = divmod(int(k), self.rows)
         position = step * self.order.global_batch + self.process_index * self.rows + row
         record = self.source[self.order.record(position)]
         rng = (np.random.default_rng([self.order.seed, position])
-               if self.augment and DATASETS[self.dataset].affine_augment else None)
-        return data.prepare(record, self.dataset, self.resolution, rng)
+               if self.augment and self.dataset.affine_augment else None)
+        return data.prepare(record, self.dataset, self.resolution, rng, self.mapping)
 
 
 class TrainBatches:
@@ -154,11 +157,13 @@ class TrainBatches:
 _MAX_STEPS = 1 << 40  # an endless stream: training stops at its own step count
 
 
-def train_loader(source, dataset: str, resolution: int, global_batch: int, *, seed: int = 0,
-                 worker_count: int = 0, process_index: int | None = None,
-                 process_count: int | None = None, augment: bool = True) -> TrainBatches:
+def train_loader(source, dataset: Dataset | str, resolution: int, global_batch: int, *,
+                 seed: int = 0, worker_count: int = 0, process_index: int | None = None,
+                 process_count: int | None = None, augment: bool = True,
+                 mapping: LabelMapping | None = None) -> TrainBatches:
     """This process's rows of each global batch in ``GlobalOrder``, augmented, decoded in
-    ``worker_count`` processes (the batches are the same for any worker count)."""
+    ``worker_count`` processes (the batches are the same for any worker count); ``mapping``
+    turns the labels into another label set."""
     if process_index is None or process_count is None:
         import jax
 
@@ -171,13 +176,14 @@ def train_loader(source, dataset: str, resolution: int, global_batch: int, *, se
         raise ValueError(f"{len(source)} records cannot fill one global batch of "
                          f"{global_batch}")
     rows = global_batch // process_count
-    return TrainBatches(_TrainExample(source, order, dataset, resolution, rows, process_index,
-                                      augment), worker_count)
+    return TrainBatches(_TrainExample(source, order, get_dataset(dataset), resolution, rows,
+                                      process_index, augment, mapping), worker_count)
 
 
-def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
+def eval_batches(source, dataset: Dataset | str, resolution: int, batch_size: int, *,
                  worker_count: int = 0, shard_index: int | None = None,
-                 shard_count: int | None = None) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+                 shard_count: int | None = None, mapping: LabelMapping | None = None,
+                 ) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(number of batches, iterator): this process's records once each, padded batches.
 
     Every process gets the same number of batches (``ceil(ceil(N / P) / B)``); padding rows
@@ -192,7 +198,7 @@ def eval_batches(source, dataset: str, resolution: int, batch_size: int, *,
     sampler = grain.samplers.IndexSampler(num_records=len(mine), shuffle=False, num_epochs=1)
     loader = grain.DataLoader(
         data_source=mine, sampler=sampler, worker_count=worker_count,
-        operations=[Prepare(dataset, resolution),
+        operations=[Prepare(get_dataset(dataset), resolution, mapping),
                     grain.transforms.Batch(batch_size, drop_remainder=False)])
 
     def padded() -> Iterator[dict[str, np.ndarray]]:

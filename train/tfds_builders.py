@@ -14,6 +14,7 @@ segface-jax data build --dataset lapa --root /data/LaPa --data-dir ~/tensorflow_
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segface_jax.datasets import DATASETS
+from segface_jax.datasets import DATASETS, Dataset
 from segface_jax.preprocess import upright_rgb
 from segface_jax.train import data
 
@@ -63,7 +64,7 @@ def _builder_class(dataset: str):
 
         def _split_generators(self, dl_manager):
             root = Path(dl_manager.manual_dir)
-            splits = DATASETS[dataset].splits
+            splits = data.GENERIC_SPLITS if dataset == "folder" else DATASETS[dataset].splits
             return {split: self._generate_examples(root, split) for split in splits
                     if _has_split(dataset, root, split)}
 
@@ -84,6 +85,12 @@ def _has_split(dataset: str, root: Path, split: str) -> bool:
 
 def _encoded_record(source, name: str) -> dict[str, Any]:
     # The raw record with the image as its file's bytes and the label as PNG bytes.
+    if isinstance(source, data.Folder):
+        image = source.paths(name)[0]
+        with Image.open(image) as im:
+            hw = im.size[::-1]
+        return {"image": image.read_bytes(), "label": _png(source.label(name, hw)),
+                "points": source.points(name), "name": name}
     if isinstance(source, data.CelebAMaskHQ):
         return {"image": source.image_path(name).read_bytes(), "label": _png(source.label(name)),
                 "points": np.zeros((0, 2), np.float32), "name": name}
@@ -100,12 +107,25 @@ def _encoded_record(source, name: str) -> dict[str, Any]:
 
 
 _BUILDERS: dict[str, Any] = {}
+DATASET_FILE = "segface_dataset.json"  # a generic-layout build's classes and conventions
+
+
+def _built_dataset(dataset: str, built: Path) -> Dataset:
+    """The ``Dataset`` of a build: a built-in one, or the generic layout's recorded one."""
+    if dataset != "folder":
+        return DATASETS[dataset]
+    try:
+        return Dataset.from_json(json.loads((built / DATASET_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.DataError(f"{built / DATASET_FILE}: unreadable ({e}); build it again with "
+                             "`segface-jax data build --dataset folder`") from None
 
 
 def builder(dataset: str, data_dir: str | os.PathLike):
     """The TFDS builder of ``dataset`` writing array_record files under ``data_dir``."""
-    if dataset not in DATASETS:
-        raise data.DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if dataset not in data.SOURCES:
+        raise data.DataError(f"unknown dataset {dataset!r}; choose from "
+                             f"{', '.join(data.SOURCES)}")
     if dataset not in _BUILDERS:
         _BUILDERS[dataset] = _builder_class(dataset)
     return _BUILDERS[dataset](data_dir=str(data_dir), file_format="array_record")
@@ -115,8 +135,11 @@ def build(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike):
     """Build the array_record files of every split found under ``root``; returns the builder."""
     import tensorflow_datasets as tfds
 
+    folder = data.folder_dataset(root) if dataset == "folder" else None  # checks classes.json
     b = builder(dataset, data_dir)
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    if folder is not None:  # the classes travel with the records
+        Path(b.data_dir, DATASET_FILE).write_text(json.dumps(folder.to_json(), indent=2) + "\n")
     return b
 
 
@@ -133,6 +156,7 @@ class TFDSSource:
             raise data.DataError(f"{b.data_dir} has no {split!r} split ({', '.join(splits)})")
         self.dataset, self.split, self._source = dataset, split, splits[split]
         self.data_dir = Path(data_dir)
+        self.data = _built_dataset(dataset, Path(b.data_dir))
 
     def __len__(self) -> int:
         return len(self._source)
