@@ -1,7 +1,9 @@
 """Upstream's training loss: 0.5 * cross-entropy + 0.5 * Dice, computed in float32.
 
-Cross-entropy is torch's ``CrossEntropyLoss()`` (mean over every pixel, no ignored label).
-Dice is upstream's: softmax probabilities p and one-hot targets t, per class
+Cross-entropy is torch's ``CrossEntropyLoss(ignore_index=255)``: the mean over every labelled
+pixel (upstream's labels never hold 255, so it is upstream's plain mean there; a user's
+dataset or a label mapping may mark pixels 255, which neither loss then sees). Dice is
+upstream's: softmax probabilities p and one-hot targets t, per class
 1 - (2 sum(p t) + 1e-5) / (sum(p^2) + sum(t^2) + 1e-5) with the sums over a whole (per-GPU)
 batch, averaged over classes. Upstream trains with 4 images per GPU on 8 GPUs, so its Dice is
 a mean over groups of 4; ``dice_group`` reproduces that on any mesh (the step's gradient is
@@ -17,10 +19,13 @@ DICE_SMOOTH = 1e-5
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    """Mean over all pixels of -log softmax(logits)[label]; (N, H, W, C), (N, H, W) -> ()."""
+    """Mean over labelled pixels (label < C; 255 is ignored) of -log softmax(logits)[label];
+    (N, H, W, C), (N, H, W) -> ()."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)
-    return -picked.mean()
+    valid = labels < logits.shape[-1]
+    index = jnp.where(valid, labels, 0)[..., None].astype(jnp.int32)
+    picked = jnp.take_along_axis(logp, index, axis=-1)[..., 0]
+    return -jnp.where(valid, picked, 0.0).sum() / jnp.maximum(valid.sum(), 1)
 
 
 def dice_loss(logits: jnp.ndarray, labels: jnp.ndarray, group: int | None = None) -> jnp.ndarray:
@@ -34,7 +39,8 @@ def dice_loss(logits: jnp.ndarray, labels: jnp.ndarray, group: int | None = None
         raise ValueError(f"batch {n} is not a multiple of the Dice group size {group}")
     groups = n // group
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    t = jax.nn.one_hot(labels, c, dtype=jnp.float32)
+    p = jnp.where((labels < c)[..., None], p, 0.0)  # ignored pixels (255) count nowhere
+    t = jax.nn.one_hot(labels, c, dtype=jnp.float32)  # all zeros at 255
 
     def per_group(x: jnp.ndarray) -> jnp.ndarray:  # (N, H, W, C) -> (groups, C) sums
         x = x.reshape(groups, -1, c)
