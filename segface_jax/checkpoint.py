@@ -81,13 +81,18 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
-                    metadata: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Write ``params`` (flat dotted keys) as Orbax + ``segface.json``, atomically."""
+                    metadata: Mapping[str, Any], overwrite: bool = False,
+                    local: bool = False) -> Path:
+    """Write ``params`` (flat dotted keys) as Orbax + ``segface.json``, atomically; ``local``:
+    this process alone writes (no barrier with the others of a multi-process run)."""
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    options = (ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+               if local and jax.process_count() > 1 else ocp.options.MultiprocessingOptions())
     out_dir = Path(out_dir).absolute()
     with atomic_directory(out_dir, overwrite) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, _nest({k: np.asarray(v) for k, v in params.items()}))
             ckptr.wait_until_finished()
         meta = {"format_version": FORMAT_VERSION, **metadata}

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "downloaded from the Hugging Face hub once, converted once and cached "
                        "(see README, 'Parsing your images').")
     r.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
-    r.add_argument("--variant", required=True, help="released variant (see `segface-jax variants`)")
+    r.add_argument("--variant", help="released variant (see `segface-jax variants`); "
+                   "optional with --weights")
     r.add_argument("--weights", help="release model_299.pt or a `segface-jax convert` directory "
                    "(default: download the variant's release file)")
     r.add_argument("--out", default="segface-out", help="output folder (default: segface-out)")
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_predict)
 
     e = sub.add_parser("export", help="export a variant as StableHLO (jax.export) or ONNX")
-    e.add_argument("--variant", required=True, help="released variant name")
+    e.add_argument("--variant", help="released variant name (optional with --weights)")
     e.add_argument("--weights", help="release model_299.pt or converted directory "
                    "(default: download the variant's release file)")
     e.add_argument("--format", choices=["stablehlo", "onnx"], required=True)
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", help="hub revision of the weights")
     e.set_defaults(func=_export)
 
-    datasets = list(DATASETS)
+    datasets = [*DATASETS, "folder"]  # folder: the generic layout (images/, masks/, ...)
     d = sub.add_parser("data", help="check a dataset folder or build its TFDS files")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="report missing images, masks and landmark files")
@@ -291,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--data-dir", required=True, help="TFDS data directory to write")
     db.set_defaults(func=_data_build)
 
-    ev = sub.add_parser("eval", help="upstream's test metrics for a variant on a dataset")
-    ev.add_argument("--variant", required=True, help="released variant name")
-    ev.add_argument("--weights", help="release model_299.pt or converted directory "
-                    "(default: download the variant's release file)")
+    ev = sub.add_parser("eval", help="upstream's test metrics for a model on a dataset")
+    ev.add_argument("--variant", help="released variant name (optional with --weights)")
+    ev.add_argument("--weights", help="release model_299.pt, converted directory or a trained "
+                    "model (WORKDIR/model); default: download the variant's release file")
     ev.add_argument("--dataset", required=True, choices=datasets)
+    ev.add_argument("--mapping", metavar="JSON", help="score through a label mapping when the "
+                    "model's classes are not the labels' (segface_jax/labels.py)")
     ev.add_argument("--root", help="dataset folder in its release layout")
     ev.add_argument("--data-dir", help="read the TFDS build in this directory instead")
     ev.add_argument("--split", default="test")

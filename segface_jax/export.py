@@ -79,14 +79,18 @@ def run_export(args) -> int:
     from segface_jax import hub
     from segface_jax.variants import get_variant
 
-    v = get_variant(args.variant)
+    if args.variant is None and args.weights is None:
+        raise CheckpointError("pass --variant (a released variant) or --weights (a converted "
+                              "or trained model directory, or a release .pt)")
+    weights = None if args.variant else hub.resolve(None, args.weights, args.revision)
+    v = get_variant(args.variant) if args.variant else weights.variant
     out = Path(args.out or f"{v.name}.{args.format}")
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")
     ensure_writable(out.absolute().parent, "the folder of --out")
     if args.batch_size is not None and args.batch_size < 1:
         raise CheckpointError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = hub.load_weights(hub.resolve(v, args.weights, args.revision), args.dtype)
+    model = hub.load_weights(weights or hub.resolve(v, args.weights, args.revision), args.dtype)
     if args.format == "stablehlo":
         data = export_stablehlo(model, args.batch_size)
         batch = "any batch size" if args.batch_size is None else f"batch {args.batch_size}"

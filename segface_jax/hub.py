@@ -17,7 +17,7 @@ from typing import Any
 from segface_jax.checkpoint import METADATA_FILE, CheckpointError, read_metadata
 from segface_jax.files import file_lock, remove_stale_partials, sha256_file
 from segface_jax.runtime import LoadedModel, load
-from segface_jax.variants import HUB_REPO, Variant, get_variant
+from segface_jax.variants import HUB_REPO, Variant, checkpoint_variant, get_variant
 
 
 class WeightsUnavailableError(CheckpointError):
@@ -175,14 +175,14 @@ def resolve(variant: str | Variant | None, weights: str | os.PathLike | None = N
         return Weights(v, converted_checkpoint(pt_file, v, quiet=quiet), source=pt_file)
     path = Path(weights)
     if is_converted(path):
-        stored = read_metadata(path).get("variant")
-        if v is not None and stored != v.name:
-            raise CheckpointError(f"{path} holds variant {stored!r}, not {v.name!r}; pass the "
-                                  "matching variant or weights")
         try:
-            return Weights(v or get_variant(stored), path)
+            stored = checkpoint_variant(read_metadata(path))
         except ValueError as e:
             raise CheckpointError(f"{path / METADATA_FILE}: {e}") from None
+        if v is not None and stored.name != v.name:
+            raise CheckpointError(f"{path} holds variant {stored.name!r}, not {v.name!r}; pass "
+                                  "the matching variant or weights")
+        return Weights(stored, path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory but not a segface-jax checkpoint "
                               f"({METADATA_FILE} missing); pass a release model_299.pt or a "

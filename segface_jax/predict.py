@@ -206,7 +206,11 @@ def run_predict(args) -> int:
         save.remove("instances")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    variant = get_variant(args.variant)  # the one place the name becomes a Variant
+    if args.variant is None and args.weights is None:
+        raise InputError("pass --variant (a released variant) or --weights (a converted or "
+                         "trained model directory, or a release .pt)")
+    # the one place the name becomes a Variant (with --weights alone, the weights name it)
+    variant = get_variant(args.variant) if args.variant else None
     out_dir = Path(args.out)
     inputs = list(args.inputs) + ([f"skimage:{EXAMPLE}"] if args.example else [])
     jobs = collect_inputs(inputs, out_dir,

@@ -20,7 +20,7 @@ from segface_jax.checkpoint import (
     restore_params,
 )
 from segface_jax.models import SegFace, SegFaceConfig
-from segface_jax.variants import Variant, get_variant
+from segface_jax.variants import Variant, checkpoint_variant
 
 
 @dataclasses.dataclass
@@ -82,8 +82,8 @@ def load(path: str | os.PathLike, dtype: Any = None) -> LoadedModel:
     dtype = jnp.dtype(dtype) if dtype is not None else None
     meta = read_metadata(path)
     try:
-        variant = get_variant(meta["variant"])
-    except (KeyError, ValueError) as e:
+        variant = checkpoint_variant(meta)
+    except ValueError as e:
         raise CheckpointError(f"{Path(path) / METADATA_FILE}: {e}") from None
     module = abstract_model(SegFaceConfig.from_variant(variant), dtype)
     return LoadedModel(variant, restore_params(path, module), meta)

@@ -3,24 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from segface_jax.datasets import DATASETS, Dataset
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One released checkpoint: which backbone, dataset and resolution it was trained for."""
+    """One released checkpoint: which backbone, dataset and resolution it was trained for; or a
+    model trained from one (``retrained``) on its own dataset and classes."""
 
     name: str
     backbone: str
     dataset: str
     resolution: int
     mean_f1: float | None
+    trained_on: Dataset | None = None  # a retrained model's dataset (None: the released one)
+    encoder_overrides: tuple[tuple[str, Any], ...] = ()  # a smaller encoder (tests, demos)
 
     @property
     def data(self) -> Dataset:
         """The dataset it was trained on, with the conventions that implies."""
-        return DATASETS[self.dataset]
+        return self.trained_on or DATASETS[self.dataset]
+
+    @property
+    def released(self) -> bool:
+        """Whether this is one of SegFace's released checkpoints (not a model trained here)."""
+        return VARIANTS.get(self.name) == self
+
+    def retrained(self, name: str, data: Dataset, resolution: int | None = None,
+                  encoder_overrides: tuple[tuple[str, Any], ...] = ()) -> Variant:
+        """The model a run trains from this variant's network on ``data`` (its classes)."""
+        return dataclasses.replace(self, name=name, dataset=data.name, trained_on=data,
+                                   resolution=resolution or self.resolution, mean_f1=None,
+                                   encoder_overrides=tuple(encoder_overrides))
+
+    def to_json(self) -> dict[str, Any]:
+        """A retrained model's description, for its checkpoint's metadata."""
+        return {"name": self.name, "backbone": self.backbone, "resolution": self.resolution,
+                "dataset": self.data.to_json(),
+                "encoder_overrides": [list(kv) for kv in self.encoder_overrides]}
+
+    @classmethod
+    def from_json(cls, spec: dict[str, Any]) -> Variant:
+        """The model ``to_json`` described."""
+        data = Dataset.from_json(spec["dataset"])
+        return cls(spec["name"], spec["backbone"], data.name, int(spec["resolution"]), None,
+                   trained_on=data, encoder_overrides=tuple(
+                       (k, tuple(v) if isinstance(v, list) else v)
+                       for k, v in spec.get("encoder_overrides", ())))
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -74,6 +105,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 class UnknownVariantError(ValueError):
     """Raised for a variant name that SegFace never released."""
+
+
+def checkpoint_variant(metadata: dict[str, Any]) -> Variant:
+    """The model a checkpoint's metadata describes: a released variant by name, or a retrained
+    model's own description (``"model"``)."""
+    if "model" in metadata:
+        try:
+            return Variant.from_json(metadata["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnknownVariantError(f"the model description is incomplete ({e})") from None
+    if "variant" not in metadata:
+        raise UnknownVariantError("no variant named")
+    return get_variant(metadata["variant"])
 
 
 def get_variant(name: str) -> Variant:

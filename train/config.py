@@ -42,6 +42,10 @@ class TrainConfig:
     # -- data, initialisation, outputs -------------------------------------------------------
     data_root: str | None = None  # the dataset folder in its release layout
     tfds_dir: str | None = None  # or a `segface-jax data build` directory
+    dataset: str | None = None  # None: the variant's; "folder": the generic layout (images/,
+    #                             masks/, classes.json); the model learns the data's classes
+    label_map: str | None = None  # a mapping JSON (segface_jax/labels.py): the model learns
+    #                               its target classes, the data's labels mapped into them
     init_path: str | None = None
     seed: int = 0
     workers: int = 4  # grain worker processes per host

@@ -4,6 +4,12 @@ Batches are split over a ``("data",)`` mesh; each device runs the model on its r
 argmax and counts its confusion matrix, and the sum over devices comes back replicated (XLA
 inserts the all-reduce). Writes ``metrics.json``, ``metrics.md`` (next to the paper's mean F1)
 and ``confusion.png``.
+
+A model whose classes are not the labels' is scored through a label mapping
+(``segface_jax/labels.py``): either its predictions map into the labels' classes (a
+CelebAMask-HQ model scored on LaPa labels) or the labels map into its classes (a model trained
+on a merged set scored on the original masks). A pixel that either side maps to "ignored" is
+left out of the confusion matrix, like label 255.
 """
 
 from __future__ import annotations
@@ -22,18 +28,24 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
+from segface_jax.datasets import Dataset
 from segface_jax.files import atomic_write, ensure_writable
+from segface_jax.labels import LabelError, LabelMapping, read_mapping
 from segface_jax.runtime import LoadedModel
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
 
 
-def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
-    """jit: (state, uint8 images, labels, landmarks) -> (C, C) int32 confusion matrix."""
+def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh,
+                   predictions: LabelMapping | None = None):
+    """jit: (state, uint8 images, labels, landmarks) -> (C, C) int32 confusion matrix, C the
+    model's classes, or ``predictions``' target classes when the predictions map into them."""
     from flax import nnx
 
     graphdef = nnx.graphdef(model.module)
     c = model.variant.num_classes
+    scored = c if predictions is None else len(predictions.target)
+    lut = None if predictions is None else jnp.asarray(predictions.table()[:c], jnp.int32)
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
     @functools.partial(jax.jit, in_shardings=(replicated, batch, batch, batch),
@@ -46,18 +58,25 @@ def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh):
         if logits.shape[1:3] != r:  # upstream resizes to R; the models already output R
             logits = jax.image.resize(logits, (logits.shape[0], *r, c), "bilinear",
                                       antialias=False)
-        return metrics.confusion_matrix_device(labels, jnp.argmax(logits, -1), c)
+        preds = jnp.argmax(logits, -1)
+        if lut is not None:  # predictions -> the labels' classes; unmapped ones ignored
+            preds = lut[preds]
+            labels = jnp.where(preds == metrics.IGNORE_LABEL, metrics.IGNORE_LABEL, labels)
+        return metrics.confusion_matrix_device(labels, preds, scored)
 
     return step
 
 
-def evaluate(model: LoadedModel, source, dataset: str, batch_size: int = 8,
-             worker_count: int = 0, progress: bool = True,
-             resolution: int | None = None) -> tuple[np.ndarray, int, float]:
+def evaluate(model: LoadedModel, source, dataset: Dataset | str, batch_size: int = 8,
+             worker_count: int = 0, progress: bool = True, resolution: int | None = None,
+             mapping: LabelMapping | None = None,
+             predictions: LabelMapping | None = None) -> tuple[np.ndarray, int, float]:
     """(confusion matrix, images counted, seconds) of ``model`` on ``source``.
 
     ``batch_size`` is global; it is rounded up to a multiple of the device count.
-    ``resolution`` defaults to the variant's.
+    ``resolution`` defaults to the variant's. ``mapping`` turns the labels into the model's
+    classes; ``predictions`` turns the model's classes into the labels' (then the matrix is
+    over the labels' classes).
     """
     from tqdm import tqdm
 
@@ -68,11 +87,12 @@ def evaluate(model: LoadedModel, source, dataset: str, batch_size: int = 8,
     global_batch = max(1, -(-batch_size // n_dev)) * n_dev
     local_batch = global_batch // n_proc
     steps, batches = eval_batches(source, dataset, resolution or model.resolution, local_batch,
-                                  worker_count=worker_count)
+                                  worker_count=worker_count, mapping=mapping)
     sharding = NamedSharding(mesh, P("data"))
     state = jax.device_put(model._state, NamedSharding(mesh, P()))
-    step = confusion_step(model, mesh)
-    cm = np.zeros((model.variant.num_classes,) * 2, np.int64)
+    step = confusion_step(model, mesh, predictions)
+    scored = model.variant.num_classes if predictions is None else len(predictions.target)
+    cm = np.zeros((scored,) * 2, np.int64)
     counted = 0
     t0 = time.perf_counter()
     bar = tqdm(total=steps * global_batch, unit="img", desc=f"eval {model.variant.name}",
@@ -152,15 +172,43 @@ def confusion_png(cm: np.ndarray, class_names: Sequence[str], cell: int = 28) ->
     return im
 
 
-def write_reports(out_dir: Path, report: dict, cm: np.ndarray, variant, paper_f1) -> None:
+def write_reports(out_dir: Path, report: dict, cm: np.ndarray, title: str,
+                  class_names: Sequence[str], paper_f1: float | None) -> None:
     """metrics.json, metrics.md and confusion.png, each written atomically."""
     def atomic(name: str, write) -> None:
         atomic_write(out_dir / name, write)
 
     atomic("metrics.json", lambda p: p.write_text(json.dumps(
         {**report, "confusion_matrix": cm.tolist()}, indent=2) + "\n"))
-    atomic("metrics.md", lambda p: p.write_text(paper_table(report, variant.name, paper_f1)))
-    atomic("confusion.png", lambda p: confusion_png(cm, variant.classes).save(p, format="PNG"))
+    atomic("metrics.md", lambda p: p.write_text(paper_table(report, title, paper_f1)))
+    atomic("confusion.png", lambda p: confusion_png(cm, class_names).save(p, format="PNG"))
+
+
+def scoring(model_classes, data_labels, mapping_file: str | None):
+    """(labels mapping, predictions mapping, the classes scored) for a model on data: both
+    None when the classes agree; otherwise ``mapping_file`` read in whichever direction fits
+    (its "to" set is the labels' or the model's), or ``LabelError`` saying what to pass."""
+    if mapping_file is None:
+        if tuple(model_classes.classes) != tuple(data_labels.classes):
+            raise LabelError("its classes differ from the labels' ("
+                             f"{', '.join(model_classes.classes)} vs "
+                             f"{', '.join(data_labels.classes)}); evaluate through a label "
+                             "mapping: --mapping FILE (see segface_jax/labels.py)")
+        return None, None, model_classes.classes
+    errors = []
+    for source, target, kind in ((model_classes, data_labels, "predictions"),
+                                 (data_labels, model_classes, "labels")):
+        try:
+            m = read_mapping(mapping_file, source)
+        except LabelError as e:
+            errors.append(str(e))
+            continue
+        if m.target.classes == target.classes:
+            return (None, m, target.classes) if kind == "predictions" else (m, None,
+                                                                            target.classes)
+        errors.append(f"{mapping_file}: its \"to\" classes are neither the model's nor the "
+                      "labels'")
+    raise LabelError(errors[-1] if len(set(errors)) == 1 else "; ".join(dict.fromkeys(errors)))
 
 
 def run_eval(args) -> int:
@@ -169,13 +217,17 @@ def run_eval(args) -> int:
     from segface_jax.train import data
     from segface_jax.variants import get_variant
 
-    v = get_variant(args.variant)
+    # a released variant named: resolve (download, convert) its weights after every check
+    weights = None
+    if args.variant:
+        v = get_variant(args.variant)
+    elif args.weights:
+        weights = hub.resolve(None, args.weights, args.revision)
+        v = weights.variant
+    else:
+        raise data.DataError("pass --variant (a released variant) or --weights (a converted "
+                             "or trained model directory, or a release .pt)")
     out = Path(args.out or f"eval-{v.name}-{args.split}")
-    if args.dataset != v.dataset:  # before anything is created
-        raise data.DataError(f"{v.name} was trained on {v.dataset}, not {args.dataset}; its "
-                             "classes would not match the labels")
-    if jax.process_index() == 0:
-        ensure_writable(out, "--out")
     if args.data_dir:
         from segface_jax.train.tfds_builders import TFDSSource
 
@@ -184,23 +236,37 @@ def run_eval(args) -> int:
         if not args.root:
             raise data.DataError("pass --root (the dataset folder) or --data-dir (built TFDS)")
         source = data.open_source(args.dataset, args.root, args.split)
+    data_set = data.source_dataset(source)
+    try:  # before anything is created
+        labels_map, preds_map, classes = scoring(v.data.labels, data_set.labels, args.mapping)
+    except LabelError as e:
+        raise data.DataError(f"{v.name} was trained on {v.data.title} ({v.dataset}), not "
+                             f"{data_set.title}: {e}") from None
+    if jax.process_index() == 0:
+        ensure_writable(out, "--out")
     if len(source) == 0:
         raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
-    model = hub.load_weights(hub.resolve(v, args.weights, args.revision), args.dtype)
-    cm, images, seconds = evaluate(model, source, args.dataset, args.batch_size, args.workers,
-                                   progress=not args.quiet)
+    model = hub.load_weights(weights or hub.resolve(v, args.weights, args.revision), args.dtype)
+    cm, images, seconds = evaluate(model, source, data_set, args.batch_size, args.workers,
+                                   progress=not args.quiet, mapping=labels_map,
+                                   predictions=preds_map)
+    merged = v.data.merged_f1 if preds_map is None else data_set.merged_f1
     report = {"variant": v.name, "dataset": args.dataset, "split": args.split,
               "images": images, "seconds": round(seconds, 2),
               "weights_sha256": model.metadata.get("source", {}).get("sha256"),
-              **metrics.summarize(cm, v.classes, v.data.merged_f1)}
+              **({"mapping": str(args.mapping)} if args.mapping else {}),
+              **metrics.summarize(cm, classes, merged)}
+    paper_f1 = v.mean_f1 if labels_map is None and preds_map is None else None
     if jax.process_index() == 0:
         mean = "n/a" if report["mean_f1"] is None else f"{report['mean_f1']:.2f}"
-        paper = f" (paper: {v.mean_f1:.2f})" if v.mean_f1 is not None else ""
+        paper = f" (paper: {paper_f1:.2f})" if paper_f1 is not None else ""
         print(f"{v.name} on {args.dataset} {args.split}: {images} images, mean F1 {mean}"
               f"{paper}, mIoU {report['miou']:.2f}, pixel accuracy "
               f"{report['pixel_accuracy']:.2f}; {images / max(seconds, 1e-9):.2f} img/s")
+        print("F1 per class: " + ", ".join(
+            f"{name} {'-' if f1 is None else f'{f1:.1f}'}" for name, f1 in report["f1"].items()))
         try:  # the metrics are printed above whatever happens here
-            write_reports(out, report, cm, v, v.mean_f1)
+            write_reports(out, report, cm, v.name, classes, paper_f1)
         except OSError as e:
             print(f"segface-jax eval: error: cannot write the reports to {out}: "
                   f"{e.strerror or e}", file=sys.stderr)

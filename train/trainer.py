@@ -33,7 +33,9 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from segface_jax.train import perf
+from segface_jax.datasets import Dataset
+from segface_jax.labels import LabelError, LabelMapping, read_mapping
+from segface_jax.train import data, perf
 from segface_jax.train.checkpointing import RunCheckpoints
 from segface_jax.train.config import TrainConfig, TrainingError, check_config, load_config
 from segface_jax.train.mesh import data_mesh, prefetch_to_device
@@ -105,7 +107,8 @@ class _Run:
     """What the set-up decided: the recipe, the data, the step and where results go."""
 
     cfg: TrainConfig
-    variant: Variant
+    variant: Variant  # the model trained: the recipe's variant, or retrained on other classes
+    mapping: LabelMapping | None  # the data's labels -> the model's classes
     workdir: epath.Path
     steps_per_epoch: int
     total_steps: int
@@ -123,8 +126,10 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
     from segface_jax.train import optim, pipeline, step
 
     check_config(cfg, jax.device_count())
-    v = get_variant(cfg.variant)
-    source = _train_source(cfg, v)
+    base = get_variant(cfg.variant)
+    source = _train_source(cfg, base)
+    data_set = data.source_dataset(source)
+    v, mapping = _model_variant(cfg, base, data_set, workdir)
     steps_per_epoch = len(source) // cfg.global_batch
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(source)} training images cannot fill one global batch of "
@@ -133,43 +138,63 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
     schedule = optim.multistep_schedule(cfg.lr, cfg.milestones, cfg.gamma, steps_per_epoch)
     tx = optim.freezing(optim.adamw(schedule, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2,
                                     cfg.adam_eps), cfg.freeze)
-    model = build_model(cfg)
+    model = build_model(cfg, v, mapping)
     set_remat(model, cfg.remat)
     graphdef, state = step.init_state(model, tx, cfg.seed)
     train_step = step.make_train_step(graphdef, tx, mesh, dice_group=cfg.dice_group,
                                       needs_landmarks=v.needs_landmarks, lr_schedule=schedule,
                                       accum_steps=cfg.accum_steps)
-    loader = pipeline.train_loader(source, v.dataset, cfg.resolution or v.resolution,
-                                   cfg.global_batch, seed=cfg.seed, worker_count=cfg.workers)
-    run = _Run(cfg, v, workdir, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch,
-               mesh, graphdef, train_step, loader, _val_source(cfg, v))
+    loader = pipeline.train_loader(source, data_set, v.resolution, cfg.global_batch,
+                                   seed=cfg.seed, worker_count=cfg.workers, mapping=mapping)
+    run = _Run(cfg, v, mapping, workdir, steps_per_epoch,
+               cfg.max_steps or cfg.epochs * steps_per_epoch, mesh, graphdef, train_step, loader,
+               _val_source(cfg, data_set))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     return run, _Status(_Step(0, state, {}, run.batches.get_state()), saved=0)
 
 
 def _train_source(cfg: TrainConfig, v: Variant):
-    """The training split: a TFDS build (``tfds_dir``) or the dataset folder (``data_root``)."""
-    from segface_jax.train import data
-
+    """The training split: a TFDS build (``tfds_dir``) or the dataset folder (``data_root``),
+    of ``cfg.dataset`` (default: the variant's)."""
+    dataset = cfg.dataset or v.dataset
     if cfg.tfds_dir:
         from segface_jax.train.tfds_builders import TFDSSource
 
-        return TFDSSource(v.dataset, cfg.tfds_dir, "train")
+        return TFDSSource(dataset, cfg.tfds_dir, "train")
     if cfg.data_root:
-        return data.open_source(v.dataset, cfg.data_root, "train")
+        return data.open_source(dataset, cfg.data_root, "train")
     raise TrainingError("set data_root (dataset folder) or tfds_dir in the config or with "
                         "--set data_root=DIR")
 
 
-def _val_source(cfg: TrainConfig, v: Variant):
+def _model_variant(cfg: TrainConfig, base: Variant, data_set: Dataset,
+                   workdir: epath.Path) -> tuple[Variant, LabelMapping | None]:
+    """(the model the run trains, the label mapping from the data to its classes): ``base``
+    itself, or ``base`` retrained on the data's own classes or the mapping's target."""
+    mapping, labels = None, data_set.labels
+    if cfg.label_map:
+        try:
+            mapping = read_mapping(cfg.label_map, data_set.labels)
+        except LabelError as e:
+            raise TrainingError(str(e)) from None
+        labels = mapping.target
+    model_data = dataclasses.replace(data_set, labels=labels, merged_f1=tuple(
+        (region, names) for region, names in data_set.merged_f1
+        if all(n in labels.classes for n in names)))
+    if (model_data == base.data and not cfg.encoder_overrides
+            and cfg.resolution in (None, base.resolution)):
+        return base, mapping
+    return base.retrained(workdir.name, model_data, cfg.resolution,
+                          cfg.encoder_overrides), mapping
+
+
+def _val_source(cfg: TrainConfig, data_set: Dataset):
     """The split validation reads (CelebAMask-HQ and LaPa: val; upstream validates Helen on its
     test split), or None when validation is off or the dataset folder has no such split."""
-    from segface_jax.train import data
-
     if not cfg.eval_every_epochs or not cfg.data_root:
         return None
     try:
-        source = data.open_source(v.dataset, cfg.data_root, v.data.val_split)
+        source = data.open_source(data_set.name, cfg.data_root, data_set.val_split)
     except data.DataError:
         return None
     return source if len(source) else None
@@ -227,8 +252,10 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
                 _save(run, status, checkpoints)
                 meter.restart(step_no)
             if run.val_source is not None and step_no % val_every == 0:
-                mean_f1 = _validate(run, status.latest.state)
-                writer.write({"kind": "val", "step": step_no, "mean_f1": mean_f1})
+                report = _validate(run, status.latest.state)
+                mean_f1 = float(report["mean_f1"] or 0.0)
+                writer.write({"kind": "val", "step": step_no, "mean_f1": mean_f1,
+                              "f1": report["f1"]})
                 checkpoints.save_best(step_no, status.latest.state, mean_f1)
                 meter.restart(step_no)
             if last:
@@ -256,8 +283,9 @@ def _save(run: _Run, status: _Status, checkpoints: RunCheckpoints) -> None:
     status.saved = latest.step
 
 
-def _validate(run: _Run, state: dict[str, Any]) -> float:
-    """Validation mean F1 of ``state``'s model (inference mode, upstream's protocol)."""
+def _validate(run: _Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Validation metrics of ``state``'s model (inference mode, upstream's protocol): mean F1
+    and the F1 of each of the model's classes."""
     from flax import nnx
 
     from segface_jax.models.layers import set_training
@@ -268,10 +296,10 @@ def _validate(run: _Run, state: dict[str, Any]) -> float:
     v = run.variant
     module = nnx.merge(run.graphdef, state["params"], state["rest"])
     set_training(module, False)
-    cm, _, _ = evaluate(LoadedModel(v, module, {}), run.val_source, v.dataset,
-                        run.cfg.global_batch, 0, progress=False, resolution=run.cfg.resolution)
-    report = metrics.summarize(cm, v.classes, v.data.merged_f1)
-    return float(report["mean_f1"] or 0.0)
+    cm, _, _ = evaluate(LoadedModel(v, module, {}), run.val_source,
+                        data.source_dataset(run.val_source), run.cfg.global_batch, 0,
+                        progress=False, mapping=run.mapping)
+    return metrics.summarize(cm, v.classes, v.data.merged_f1)
 
 
 def _final_save(run: _Run, status: _Status, checkpoints: RunCheckpoints,
@@ -281,6 +309,7 @@ def _final_save(run: _Run, status: _Status, checkpoints: RunCheckpoints,
     if not interrupted:
         if status.latest.step > status.saved:
             _save(run, status, checkpoints)
+        _export_model(run, status.latest)
         return
     try:
         if status.latest.step > status.saved and math.isfinite(
@@ -290,6 +319,29 @@ def _final_save(run: _Run, status: _Status, checkpoints: RunCheckpoints,
         print(f"\ncould not save at the interruption ({type(e).__name__}: {e})", file=sys.stderr)
     print(f"\ninterrupted: checkpoint saved at step {status.saved}; continue with --resume",
           file=sys.stderr)
+
+
+def _export_model(run: _Run, latest: _Step) -> None:
+    """Write the trained model as a converted checkpoint, ``<workdir>/model``, which
+    ``predict``, ``eval`` and ``export`` take as ``--weights`` (its classes come with it)."""
+    from flax import nnx
+
+    from segface_jax.checkpoint import flat_state, save_checkpoint
+
+    if jax.process_index() != 0:
+        return
+    if "://" in str(run.workdir):
+        print(f"the trained model stays in {run.workdir / 'checkpoints'} (writing "
+              f"{run.workdir / 'model'} needs a local work directory)")
+        return
+    module = nnx.merge(run.graphdef, latest.state["params"], latest.state["rest"])
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_state(module).items()}
+    v = run.variant
+    meta = {"variant": v.name, "trained": {"recipe": run.cfg.variant, "step": latest.step}}
+    if not v.released:
+        meta["model"] = v.to_json()
+    out = save_checkpoint(run.workdir / "model", arrays, meta, overwrite=True, local=True)
+    print(f"trained model in {out} (use it as --weights)")
 
 
 def _summary(run: _Run, status: _Status, interrupted: bool) -> dict[str, Any]:

@@ -55,9 +55,13 @@ class MetricWriter:
             self._jsonl.flush()
         if self._tensorboard is not None:
             for key, value in record.items():
-                if key not in ("step", "epoch", "kind") and isinstance(value, int | float):
-                    self._tensorboard.add_scalar(f"{record['kind']}/{key}", value,
-                                                 record["step"])
+                values = value if isinstance(value, dict) else {"": value}  # per-class F1s
+                for sub, x in values.items():
+                    if key not in ("step", "epoch", "kind") and isinstance(x, int | float):
+                        tag = f"{record['kind']}/{key}" + (f"/{sub}" if sub else "")
+                        self._tensorboard.add_scalar(tag, x, record["step"])
+        if record["kind"] == "val" and self._main:
+            self._bar.write(_val_line(record))
         if record["kind"] == "train":
             self._curve.append((record["step"], record["loss"]))
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('lr', 0):.1e}",
@@ -74,6 +78,16 @@ class MetricWriter:
             self._jsonl = None
             if self._curve:
                 _loss_curve_png(self._workdir / "loss_curve.png", self._curve)
+
+
+def _val_line(record: dict[str, Any]) -> str:
+    """"step N: validation mean F1 x (class a, class b, ...)" for the console."""
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    line = f"step {record['step']}: validation mean F1 {fmt(record.get('mean_f1'))}"
+    per_class = record.get("f1") or {}
+    if per_class:
+        line += " (" + ", ".join(f"{k} {fmt(v)}" for k, v in per_class.items()) + ")"
+    return line
 
 
 def _loss_curve_png(path: epath.Path, curve: list[tuple[int, float]]) -> None:

@@ -45,12 +45,18 @@ class SegFaceConfig:
 
     @classmethod
     def from_variant(cls, variant: Variant) -> SegFaceConfig:
-        """Config of a released variant."""
+        """Config of a released variant (or a model retrained from one, its encoder overrides
+        applied)."""
         if variant.backbone not in ENCODERS:
             raise NotImplementedError(
                 f"variant {variant.name!r} uses backbone {variant.backbone!r}, which segface-jax "
                 f"does not implement yet (available: {', '.join(sorted(ENCODERS))})")
-        return cls(variant.backbone, variant.classes, align_faces=variant.needs_landmarks)
+        encoder = None
+        if variant.encoder_overrides:
+            encoder = dataclasses.replace(ENCODERS[variant.backbone][1](),
+                                          **dict(variant.encoder_overrides))
+        return cls(variant.backbone, variant.classes, align_faces=variant.needs_landmarks,
+                   encoder_config=encoder)
 
     def make_encoder_config(self):
         """The encoder's config: the override or the backbone's preset."""
