@@ -438,13 +438,17 @@ def test_initialisation_from_imagenet_encoder_and_segface_checkpoints(tmp_path, 
 
     from segface_jax.checkpoint import flat_state, save_checkpoint
     from segface_jax.train.trainer import build_model
+    from segface_jax.variants import get_variant
 
     cfg = load_config(_config(tmp_path, lapa_root, 4), [])
-    scratch = build_model(cfg)
+    lapa = get_variant(cfg.variant)
+    tiny = lapa.retrained("tiny", lapa.data, cfg.resolution, cfg.encoder_overrides)
+    scratch = build_model(cfg, tiny)
     # a `convert-backbone`-style directory for this (tiny) encoder, with other values
     encoder = {k: np.asarray(v) + 1.0 for k, v in flat_state(scratch.backbone).items()}
     save_checkpoint(tmp_path / "enc", encoder, {"kind": "backbone", "arch": "swin_b"})
-    model = build_model(dataclasses.replace(cfg, init="imagenet", init_path=str(tmp_path / "enc")))
+    model = build_model(dataclasses.replace(cfg, init="imagenet", init_path=str(tmp_path / "enc")),
+                        tiny)
     got = flat_state(model)
     for k, v in encoder.items():
         np.testing.assert_array_equal(got[f"backbone.{k}"], v)
@@ -456,9 +460,9 @@ def test_initialisation_from_imagenet_encoder_and_segface_checkpoints(tmp_path, 
 
     full = dataclasses.replace(cfg, init="segface", encoder_overrides=(),
                                init_path=str(release.converted("swinb_lapa_224")))
-    model = build_model(full)
+    model = build_model(full, lapa)
     stored = flat_state(__import__("segface_jax").load(full.init_path).module)
     for k, v in flat_state(model).items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(stored[k]))
     with pytest.raises(TrainingError, match="needs init_path"):
-        build_model(dataclasses.replace(cfg, init="imagenet"))
+        build_model(dataclasses.replace(cfg, init="imagenet"), tiny)
