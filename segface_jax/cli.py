@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command and turn known errors into one-line messages."""
     from segface_jax.checkpoint import CheckpointError
     from segface_jax.files import OutputError
+    from segface_jax.labels import LabelError
     from segface_jax.landmarks import LandmarkError
     from segface_jax.predict import InputError
     from segface_jax.preprocess import ImageError
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     known: tuple[type[Exception], ...] = (CheckpointError, ImageError, UnknownVariantError,
                                           NotImplementedError, LandmarkError, InputError,
-                                          OutputError)
+                                          OutputError, LabelError)
     try:
         from segface_jax.train.data import DataError
         from segface_jax.train.trainer import TrainingError

@@ -18,6 +18,9 @@ ignore label. Its JSON file names the target set and says where each source clas
 
 A source class the file does not list goes to the target class of the same name, or is
 ignored when the target has none; ``null`` ignores it explicitly.
+
+Index 0 is the background, as in SegFace's sets: the mean F1 leaves it out, and training's
+random affine labels the pixels it brings in with 0.
 """
 
 from __future__ import annotations
@@ -310,8 +313,11 @@ def read_mapping(path: str | os.PathLike, source: LabelSet) -> LabelMapping:
             target = LabelSet.of(str(spec.get("name", path.stem)), to)
         elif isinstance(to, str) and to.endswith(".json"):
             target = read_label_set(path.parent / to)
-        else:
+        elif isinstance(to, str):
             target = get_label_set(to)
+        else:
+            raise LabelError("expected a label set name, a classes.json path, a class list or "
+                             f"a classes.json object, not {to!r}")
     except LabelError as e:
         raise LabelError(f"{path}: \"to\": {e}") from None
     return LabelMapping.by_name(source, target, spec.get("map", {}), str(path))

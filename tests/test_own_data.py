@@ -101,7 +101,8 @@ def test_mapping_renames_merges_and_ignores(tmp_path):
     assert merge.describe() == ["upperlip + lowerlip -> lips"]
     for spec, message in [({"to": "lapa", "map": {"nose2": "nose"}}, "not classes of"),
                           ({"to": "lapa", "map": {"nose": "snout"}}, "not a class of"),
-                          ({"to": "mystery"}, "unknown label set"), ({"map": {}}, '"to"')]:
+                          ({"to": "mystery"}, "unknown label set"), ({"map": {}}, '"to"'),
+                          ({"to": 5}, "not 5")]:
         path.write_text(json.dumps(spec))
         with pytest.raises(LabelError, match=message) as e:
             labels.read_mapping(path, celeba)
@@ -209,6 +210,45 @@ def test_tfds_build_of_the_generic_layout_reads_back_the_same_records(own, tmp_p
             b = by_name[a["name"]]
             np.testing.assert_array_equal(a["image"], b["image"])
             np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_masks_label_the_image_as_shown_in_check_source_and_build(own, tmp_path, capsys):
+    """A phone photo stored sideways with an EXIF orientation: its mask is drawn on the upright
+    image, and data check, the folder source and the TFDS build all agree on that. A gray mask
+    with alpha reads as its gray values; a second build into the same folder is refused."""
+    from segface_jax.train import tfds_builders
+
+    root = datasets.write_own(tmp_path / "phone", {"train": 2})
+    stored = np.zeros((40, 48, 3), np.uint8)  # 48 wide, 40 high as stored
+    stored[:, :24] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 40 wide, 48 high
+    Image.fromarray(stored).save(root / "train/images/train_000.jpg", exif=exif)
+    mask = np.zeros((48, 40), np.uint8)
+    mask[:24] = 1
+    Image.fromarray(mask).save(root / "train/masks/train_000.png")
+    gray_alpha = np.stack([datasets.own_example(1)[1], np.full((48, 48), 255, np.uint8)], -1)
+    Image.fromarray(gray_alpha, mode="LA").save(root / "train/masks/train_001.png")
+
+    assert main(["data", "check", "--dataset", "folder", "--root", str(root)]) == 0
+    src = data.open_source("folder", root, "train")
+    assert src[0]["image"].shape == (48, 40, 3)
+    np.testing.assert_array_equal(src[0]["label"], mask)
+    np.testing.assert_array_equal(src[1]["label"], datasets.own_example(1)[1])
+    assert main(["data", "build", "--dataset", "folder", "--root", str(root), "--data-dir",
+                 str(tmp_path / "tfds")]) == 0
+    built = tfds_builders.TFDSSource("folder", tmp_path / "tfds", "train")
+    by_name = {built[i]["name"]: built[i] for i in range(len(built))}
+    np.testing.assert_array_equal(by_name["train_000"]["label"], mask)
+    np.testing.assert_array_equal(by_name["train_000"]["image"], src[0]["image"])
+    capsys.readouterr()
+    assert main(["data", "build", "--dataset", "folder", "--root", str(own), "--data-dir",
+                 str(tmp_path / "tfds")]) == 2
+    assert "already holds a generic-layout build" in capsys.readouterr().err
+
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "train/masks/train_000.png")
+    assert main(["data", "check", "--dataset", "folder", "--root", str(root)]) == 1
+    assert "masks whose size differs from the image: " in capsys.readouterr().out
 
 
 def test_losses_skip_ignored_pixels():

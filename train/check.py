@@ -160,8 +160,12 @@ def _check_folder(report: CheckReport, source: data.Folder) -> None:
             report.add("images without a mask", str(mask))
             continue
         before = len(report.problems.get("unreadable or truncated files", ()))
-        _check_sizes(report, image, [mask], "masks whose size differs from the image")
+        _check_sizes(report, None, [image])  # readable and complete
+        _check_sizes(report, None, [mask])
         if len(report.problems.get("unreadable or truncated files", ())) == before:
+            want, got = data.upright_size(image), header_size(mask)
+            if got != want:  # masks label the image as shown (EXIF orientation applied)
+                report.add("masks whose size differs from the image", f"{mask} {got} vs {want}")
             try:
                 source.label(name)  # masks are small: their values are always checked
             except data.DataError as e:

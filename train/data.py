@@ -266,6 +266,15 @@ def folder_dataset(root: str | os.PathLike) -> Dataset:
                    face_frame="lapa" if landmarks else "celebahq")
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as it is shown, i.e. after its EXIF orientation (which is
+    how images are read for training, so how its mask must be drawn); from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def _read_mask(path: Path) -> np.ndarray:
     """A mask's class indices: a palette PNG's indices or a grayscale image's values."""
     try:
@@ -274,8 +283,10 @@ def _read_mask(path: Path) -> np.ndarray:
             mask = np.asarray(im)
     except FileNotFoundError:
         raise DataError(f"{path}: no such mask") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
+    if mask.ndim == 3 and mask.shape[-1] < 3:  # gray with alpha (LA): the gray values
+        mask = mask[..., 0]
     if mask.ndim == 3:  # RGB(A) that is really gray (an index mask saved as colour) is fine
         if not (np.array_equal(mask[..., 0], mask[..., 1])
                 and np.array_equal(mask[..., 0], mask[..., 2])):
@@ -317,8 +328,11 @@ class Folder(_Source):
             return root / split, None
         listing = root / f"{split}.txt"
         if listing.is_file():
-            return root, [line.strip() for line in listing.read_text().splitlines()
-                          if line.strip()]
+            try:
+                lines = listing.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{listing}: not a readable list of stems ({e})") from None
+            return root, [line.strip() for line in lines if line.strip()]
         if split == "train" and not any((root / f"{s}.txt").is_file() for s in GENERIC_SPLITS):
             return root, None
         raise DataError(f"{root}: no {split} split (neither {root / split / 'images'} nor "

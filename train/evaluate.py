@@ -219,7 +219,10 @@ def run_eval(args) -> int:
 
     # a released variant named: resolve (download, convert) its weights after every check
     weights = None
-    if args.variant:
+    if args.weights and hub.is_converted(args.weights):  # cheap: its metadata names the model
+        weights = hub.resolve(args.variant, args.weights, args.revision)
+        v = weights.variant
+    elif args.variant:
         v = get_variant(args.variant)
     elif args.weights:
         weights = hub.resolve(None, args.weights, args.revision)

@@ -87,8 +87,7 @@ def _encoded_record(source, name: str) -> dict[str, Any]:
     # The raw record with the image as its file's bytes and the label as PNG bytes.
     if isinstance(source, data.Folder):
         image = source.paths(name)[0]
-        with Image.open(image) as im:
-            hw = im.size[::-1]
+        hw = data.upright_size(image)[::-1]  # the mask labels the image as shown
         return {"image": image.read_bytes(), "label": _png(source.label(name, hw)),
                 "points": source.points(name), "name": name}
     if isinstance(source, data.CelebAMaskHQ):
@@ -137,6 +136,9 @@ def build(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike):
 
     folder = data.folder_dataset(root) if dataset == "folder" else None  # checks classes.json
     b = builder(dataset, data_dir)
+    if folder is not None and Path(b.data_dir).exists():  # TFDS would keep the old records
+        raise data.DataError(f"{b.data_dir} already holds a generic-layout build; remove it "
+                             "or pass another --data-dir")
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
     if folder is not None:  # the classes travel with the records
         Path(b.data_dir, DATASET_FILE).write_text(json.dumps(folder.to_json(), indent=2) + "\n")

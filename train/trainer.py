@@ -41,7 +41,7 @@ from segface_jax.train.config import TrainConfig, TrainingError, check_config, l
 from segface_jax.train.mesh import data_mesh, prefetch_to_device
 from segface_jax.train.model_init import build_model
 from segface_jax.train.writer import MetricWriter
-from segface_jax.variants import Variant, get_variant
+from segface_jax.variants import VARIANTS, Variant, get_variant
 
 if TYPE_CHECKING:
     from segface_jax.train.pipeline import TrainBatches
@@ -184,8 +184,8 @@ def _model_variant(cfg: TrainConfig, base: Variant, data_set: Dataset,
     if (model_data == base.data and not cfg.encoder_overrides
             and cfg.resolution in (None, base.resolution)):
         return base, mapping
-    return base.retrained(workdir.name, model_data, cfg.resolution,
-                          cfg.encoder_overrides), mapping
+    name = workdir.name if workdir.name not in VARIANTS else f"{workdir.name}-retrained"
+    return base.retrained(name, model_data, cfg.resolution, cfg.encoder_overrides), mapping
 
 
 def _val_source(cfg: TrainConfig, data_set: Dataset):
