@@ -64,6 +64,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     target = Path(path) if path else cache_dir() / "xla"
     target.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(target))
+    # every program, not only those that took JAX's default 1 s to compile: the detector's
+    # networks compile in about that long, so whether a second run recompiled them depended
+    # on the machine's load
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return target
 
 

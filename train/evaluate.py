@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from segface_jax.datasets import Dataset
+from segface_jax.datasets import DATASETS, Dataset
 from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.labels import LabelError, LabelMapping, read_mapping
 from segface_jax.runtime import LoadedModel
@@ -211,6 +211,19 @@ def scoring(model_classes, data_labels, mapping_file: str | None):
     raise LabelError(errors[-1] if len(set(errors)) == 1 else "; ".join(dict.fromkeys(errors)))
 
 
+def _open_split(args):
+    """The split ``eval`` reads: a TFDS build (``--data-dir``) or the dataset folder."""
+    from segface_jax.train import data
+
+    if args.data_dir:
+        from segface_jax.train.tfds_builders import TFDSSource
+
+        return TFDSSource(args.dataset, args.data_dir, args.split)
+    if not args.root:
+        raise data.DataError("pass --root (the dataset folder) or --data-dir (built TFDS)")
+    return data.open_source(args.dataset, args.root, args.split)
+
+
 def run_eval(args) -> int:
     """The ``eval`` command."""
     from segface_jax import hub
@@ -231,22 +244,19 @@ def run_eval(args) -> int:
         raise data.DataError("pass --variant (a released variant) or --weights (a converted "
                              "or trained model directory, or a release .pt)")
     out = Path(args.out or f"eval-{v.name}-{args.split}")
-    if args.data_dir:
-        from segface_jax.train.tfds_builders import TFDSSource
-
-        source = TFDSSource(args.dataset, args.data_dir, args.split)
-    else:
-        if not args.root:
-            raise data.DataError("pass --root (the dataset folder) or --data-dir (built TFDS)")
-        source = data.open_source(args.dataset, args.root, args.split)
-    data_set = data.source_dataset(source)
+    # a built-in dataset's classes are known without reading anything; a generic-layout
+    # dataset's come with its files
+    source = _open_split(args) if args.dataset == "folder" else None
+    data_set = DATASETS[args.dataset] if source is None else data.source_dataset(source)
     try:  # before anything is created
         labels_map, preds_map, classes = scoring(v.data.labels, data_set.labels, args.mapping)
     except LabelError as e:
-        raise data.DataError(f"{v.name} was trained on {v.data.title} ({v.dataset}), not "
-                             f"{data_set.title}: {e}") from None
+        raise data.DataError(f"{v.name} was trained on {v.dataset} ({v.data.title}), not "
+                             f"{args.dataset} ({data_set.title}): {e}") from None
     if jax.process_index() == 0:
         ensure_writable(out, "--out")
+    if source is None:
+        source = _open_split(args)
     if len(source) == 0:
         raise data.DataError(f"the {args.split} split of {args.dataset} is empty")
     model = hub.load_weights(weights or hub.resolve(v, args.weights, args.revision), args.dtype)
