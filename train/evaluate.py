@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from segface_jax.datasets import DATASETS, Dataset
 from segface_jax.files import atomic_write, ensure_writable
-from segface_jax.labels import LabelError, LabelMapping, read_mapping
+from segface_jax.labels import LabelError, LabelMapping, LabelSet, read_mapping
 from segface_jax.runtime import LoadedModel
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
@@ -184,7 +184,8 @@ def write_reports(out_dir: Path, report: dict, cm: np.ndarray, title: str,
     atomic("confusion.png", lambda p: confusion_png(cm, class_names).save(p, format="PNG"))
 
 
-def scoring(model_classes, data_labels, mapping_file: str | None):
+def scoring(model_classes: LabelSet, data_labels: LabelSet, mapping_file: str | None,
+            ) -> tuple[LabelMapping | None, LabelMapping | None, tuple[str, ...]]:
     """(labels mapping, predictions mapping, the classes scored) for a model on data: both
     None when the classes agree; otherwise ``mapping_file`` read in whichever direction fits
     (its "to" set is the labels' or the model's), or ``LabelError`` saying what to pass."""
