@@ -77,13 +77,8 @@ def export_onnx(model: LoadedModel, batch_size: int = 1):
 def run_export(args) -> int:
     """The ``export`` command."""
     from segface_jax import hub
-    from segface_jax.variants import get_variant
 
-    if args.variant is None and args.weights is None:
-        raise CheckpointError("pass --variant (a released variant) or --weights (a converted "
-                              "or trained model directory, or a release .pt)")
-    weights = None if args.variant else hub.resolve(None, args.weights, args.revision)
-    v = get_variant(args.variant) if args.variant else weights.variant
+    v, weights = hub.named_model(args.variant, args.weights, args.revision)
     out = Path(args.out or f"{v.name}.{args.format}")
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out")

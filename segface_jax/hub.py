@@ -193,6 +193,30 @@ def resolve(variant: str | Variant | None, weights: str | os.PathLike | None = N
     return Weights(v, converted_checkpoint(path, v, quiet=quiet), source=path)
 
 
+NAME_A_MODEL = ("pass --variant (a released variant) or --weights (a converted or trained model "
+                "directory, or a release .pt)")
+
+
+def named_model(variant: str | None, weights: str | os.PathLike | None,
+                revision: str | None = None) -> tuple[Variant, Weights | None]:
+    """(the model a command's ``--variant`` / ``--weights`` name, its weights if resolved).
+
+    A converted or trained directory is resolved at once (its metadata names the model, and a
+    ``variant`` given must match it); a released variant's weights are left to the caller to
+    resolve (download, convert) after its own checks; a ``.pt`` alone is resolved to learn its
+    variant.
+    """
+    if weights is not None and is_converted(weights):
+        resolved = resolve(variant, weights, revision)
+        return resolved.variant, resolved
+    if variant is not None:
+        return get_variant(variant), None
+    if weights is not None:
+        resolved = resolve(None, weights, revision)
+        return resolved.variant, resolved
+    raise CheckpointError(NAME_A_MODEL)
+
+
 def _infer_variant(path: Path) -> Variant:
     # A release .pt given without a variant: the converter infers it from the keys if it can.
     try:

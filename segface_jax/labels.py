@@ -201,14 +201,19 @@ LABEL_SETS: dict[str, LabelSet] = {s.name: s for s in (CELEBAMASK_HQ, LAPA, HELE
 def read_label_set(path: str | os.PathLike) -> LabelSet:
     """The label set of a ``classes.json`` file."""
     path = Path(path)
+    spec = _read_json(path, "no such file; a dataset in the generic layout needs a classes.json "
+                            "(see segface_jax/labels.py)")
+    return LabelSet.from_json(spec, str(path))
+
+
+def _read_json(path: Path, missing: str) -> Any:
+    """The JSON in ``path``; ``LabelError`` naming it (``missing``: what to say when absent)."""
     try:
-        spec = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        raise LabelError(f"{path}: no such file; a dataset in the generic layout needs a "
-                         "classes.json (see segface_jax/labels.py)") from None
+        raise LabelError(f"{path}: {missing}") from None
     except (OSError, ValueError) as e:
         raise LabelError(f"{path}: not readable JSON ({e})") from None
-    return LabelSet.from_json(spec, str(path))
 
 
 def get_label_set(spec: str | os.PathLike | Sequence[str]) -> LabelSet:
@@ -295,12 +300,7 @@ class LabelMapping:
 def read_mapping(path: str | os.PathLike, source: LabelSet) -> LabelMapping:
     """The mapping file at ``path`` applied to ``source`` (see the module docstring)."""
     path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LabelError(f"{path}: no such mapping file") from None
-    except (OSError, ValueError) as e:
-        raise LabelError(f"{path}: not readable JSON ({e})") from None
+    spec = _read_json(path, "no such mapping file")
     if not isinstance(spec, dict) or "to" not in spec or not isinstance(spec.get("map", {}),
                                                                           dict):
         raise LabelError(f"{path}: expected {{\"to\": <label set name, classes.json or class "

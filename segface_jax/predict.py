@@ -207,8 +207,7 @@ def run_predict(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.variant is None and args.weights is None:
-        raise InputError("pass --variant (a released variant) or --weights (a converted or "
-                         "trained model directory, or a release .pt)")
+        raise InputError(hub.NAME_A_MODEL)
     # the one place the name becomes a Variant (with --weights alone, the weights name it)
     variant = get_variant(args.variant) if args.variant else None
     out_dir = Path(args.out)

@@ -102,19 +102,24 @@ def _check_celebamask_hq(report: CheckReport, source: data.CelebAMaskHQ) -> None
         _check_sizes(report, None, source.mask_paths(name))
 
 
+def _check_landmarks(report: CheckReport, source, name: str, path: Path) -> None:
+    """A sample's landmark file: present, and read by ``source.points`` without error."""
+    if not path.is_file():
+        report.add("missing landmark files", str(path))
+        return
+    try:
+        source.points(name)
+    except data.DataError as e:
+        report.add("bad landmark files", str(e))
+
+
 def _check_lapa(report: CheckReport, source: data.LaPa) -> None:
     for name in source.names:
         image, label, landmarks = source.paths(name)
         if not label.is_file():
             report.add("missing labels", str(label))
         _check_sizes(report, image, [label])
-        if not landmarks.is_file():
-            report.add("missing landmark files", str(landmarks))
-        else:
-            try:
-                source.points(name)
-            except data.DataError as e:
-                report.add("bad landmark files", str(e))
+        _check_landmarks(report, source, name, landmarks)
     labels = source.root / source.split / "labels"
     if labels.is_dir():
         names = set(source.names)
@@ -173,13 +178,7 @@ def _check_folder(report: CheckReport, source: data.Folder) -> None:
                         else "unreadable masks")
                 report.add(kind, str(e))
         if source.data.aligns:
-            if not landmarks.is_file():
-                report.add("missing landmark files", str(landmarks))
-            else:
-                try:
-                    source.points(name)
-                except data.DataError as e:
-                    report.add("bad landmark files", str(e))
+            _check_landmarks(report, source, name, landmarks)
     masks = source.base / "masks"
     if masks.is_dir():
         for png in sorted(masks.glob("*.png")):

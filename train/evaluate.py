@@ -229,21 +229,8 @@ def run_eval(args) -> int:
     """The ``eval`` command."""
     from segface_jax import hub
     from segface_jax.train import data
-    from segface_jax.variants import get_variant
 
-    # a released variant named: resolve (download, convert) its weights after every check
-    weights = None
-    if args.weights and hub.is_converted(args.weights):  # cheap: its metadata names the model
-        weights = hub.resolve(args.variant, args.weights, args.revision)
-        v = weights.variant
-    elif args.variant:
-        v = get_variant(args.variant)
-    elif args.weights:
-        weights = hub.resolve(None, args.weights, args.revision)
-        v = weights.variant
-    else:
-        raise data.DataError("pass --variant (a released variant) or --weights (a converted "
-                             "or trained model directory, or a release .pt)")
+    v, weights = hub.named_model(args.variant, args.weights, args.revision)
     out = Path(args.out or f"eval-{v.name}-{args.split}")
     # a built-in dataset's classes are known without reading anything; a generic-layout
     # dataset's come with its files

@@ -286,7 +286,6 @@ def _save(run: _Run, status: _Status, checkpoints: RunCheckpoints) -> None:
 def _validate(run: _Run, state: dict[str, Any]) -> dict[str, Any]:
     """Validation metrics of ``state``'s model (inference mode, upstream's protocol): mean F1
     and the F1 of each of the model's classes."""
-    from flax import nnx
 
     from segface_jax.models.layers import set_training
     from segface_jax.runtime import LoadedModel
@@ -294,7 +293,7 @@ def _validate(run: _Run, state: dict[str, Any]) -> dict[str, Any]:
     from segface_jax.train.evaluate import evaluate
 
     v = run.variant
-    module = nnx.merge(run.graphdef, state["params"], state["rest"])
+    module = _module(run, state)
     set_training(module, False)
     cm, _, _ = evaluate(LoadedModel(v, module, {}), run.val_source,
                         data.source_dataset(run.val_source), run.cfg.global_batch, 0,
@@ -321,10 +320,16 @@ def _final_save(run: _Run, status: _Status, checkpoints: RunCheckpoints,
           file=sys.stderr)
 
 
+def _module(run: _Run, state: dict[str, Any]):
+    """The network with ``state``'s parameters and BatchNorm statistics."""
+    from flax import nnx
+
+    return nnx.merge(run.graphdef, state["params"], state["rest"])
+
+
 def _export_model(run: _Run, latest: _Step) -> None:
     """Write the trained model as a converted checkpoint, ``<workdir>/model``, which
     ``predict``, ``eval`` and ``export`` take as ``--weights`` (its classes come with it)."""
-    from flax import nnx
 
     from segface_jax.checkpoint import flat_state, save_checkpoint
 
@@ -334,7 +339,7 @@ def _export_model(run: _Run, latest: _Step) -> None:
         print(f"the trained model stays in {run.workdir / 'checkpoints'} (writing "
               f"{run.workdir / 'model'} needs a local work directory)")
         return
-    module = nnx.merge(run.graphdef, latest.state["params"], latest.state["rest"])
+    module = _module(run, latest.state)
     arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_state(module).items()}
     v = run.variant
     meta = {"variant": v.name, "trained": {"recipe": run.cfg.variant, "step": latest.step}}
@@ -346,7 +351,6 @@ def _export_model(run: _Run, latest: _Step) -> None:
 
 def _summary(run: _Run, status: _Status, interrupted: bool) -> dict[str, Any]:
     """The step reached, the last checkpoint, the trained model and a parameter digest."""
-    from flax import nnx
 
     state = status.latest.state
     digest = hashlib.sha256()
@@ -354,7 +358,7 @@ def _summary(run: _Run, status: _Status, interrupted: bool) -> dict[str, Any]:
         digest.update(np.asarray(jax.device_get(leaf)).tobytes())
     return {"step": status.latest.step, "interrupted": interrupted,
             "last_checkpoint": status.saved,
-            "model": nnx.merge(run.graphdef, state["params"], state["rest"]),
+            "model": _module(run, state),
             "digest": digest.hexdigest()[:16]}
 
 
