@@ -127,6 +127,45 @@ def test_profile_trace_and_throughput_records(tmp_path, lapa_root):
                                          / (jax.device_count() * 1e9), rel=1e-9)
 
 
+def test_tensorboard_event_file_reads_back_with_tensorboardX(tmp_path):
+    """MetricWriter's TensorBoard file, read with tensorboardX's own CRC and protocol buffers:
+    every record's checksums hold, the first event names the file version, and each record's
+    scalars come back under their tags (per-class F1s as val/f1/<class>) at their step, as
+    float32 (the field's type)."""
+    import struct
+
+    from etils import epath
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    from segface_jax.train.writer import MetricWriter
+
+    records = [{"kind": "train", "step": 1, "epoch": 0.5, "loss": 1.25, "lr": 1e-4},
+               {"kind": "train", "step": 300, "epoch": 150.0, "loss": 0.1, "lr": 1e-6},
+               {"kind": "val", "step": 300, "mean_f1": 71.5, "f1": {"skin": 90.25, "hair": None,
+                                                                    "l_eye": 60.0}}]
+    with MetricWriter(epath.Path(tmp_path), total_steps=300, initial_step=0, desc="t",
+                      progress=False) as writer:
+        for r in records:
+            writer.write(r)
+    (path,) = (tmp_path / "tensorboard").iterdir()
+    assert path.name.startswith("events.out.tfevents.")
+    data, events = path.read_bytes(), []
+    while data:
+        header, data = data[:12], data[12:]
+        (length,) = struct.unpack("<Q", header[:8])
+        assert struct.unpack("<I", header[8:])[0] == masked_crc32c(header[:8])
+        body, crc, data = data[:length], data[length:length + 4], data[length + 4:]
+        assert struct.unpack("<I", crc)[0] == masked_crc32c(body)
+        events.append(Event.FromString(body))
+    assert events[0].file_version == "brain.Event:2"
+    got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    assert got == [(1, {"train/loss": 1.25, "train/lr": f32(1e-4)}),
+                   (300, {"train/loss": f32(0.1), "train/lr": f32(1e-6)}),
+                   (300, {"val/mean_f1": 71.5, "val/f1/skin": 90.25, "val/f1/l_eye": 60.0})]
+
+
 def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
     """MFU's FLOPs come from the lowered, global program: a (64, 128) x (128, 256) product
     whose rows are split over 8 devices is 2*64*128*256 FLOPs per step, not one device's

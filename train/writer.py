@@ -13,6 +13,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from segface_jax.train.tensorboard import EventWriter
+
 
 class MetricWriter:
     """One training run's metric sink; use as a context manager (closing writes the curve)."""
@@ -24,17 +26,12 @@ class MetricWriter:
         self._workdir = workdir
         self._main = jax.process_index() == 0
         self._jsonl = None
-        self._tensorboard = None
+        self._tensorboard: EventWriter | None = None
         self._curve: list[tuple[int, float]] = []
         if self._main:
             workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = (workdir / "metrics.jsonl").open("a")
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-            except ModuleNotFoundError:
-                print("tensorboardX not installed: metrics go to metrics.jsonl only")
+            self._tensorboard = EventWriter(workdir / "tensorboard")
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", desc=desc,
                          disable=not progress or not self._main, dynamic_ncols=True)
 
@@ -54,12 +51,13 @@ class MetricWriter:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         if self._tensorboard is not None:
+            scalars = {}
             for key, value in record.items():
                 values = value if isinstance(value, dict) else {"": value}  # per-class F1s
                 for sub, x in values.items():
                     if key not in ("step", "epoch", "kind") and isinstance(x, int | float):
-                        tag = f"{record['kind']}/{key}" + (f"/{sub}" if sub else "")
-                        self._tensorboard.add_scalar(tag, x, record["step"])
+                        scalars[f"{record['kind']}/{key}" + (f"/{sub}" if sub else "")] = x
+            self._tensorboard.scalars(record["step"], scalars)
         if record["kind"] == "val" and self._main:
             self._bar.write(_val_line(record))
         if record["kind"] == "train":
