@@ -316,6 +316,7 @@ def _random_weights(shapes: dict, rng: np.random.Generator) -> dict[str, np.ndar
 
 
 @pytest.mark.slow
+@pytest.mark.quick_compile
 def test_finetune_a_segface_checkpoint_to_new_classes_through_the_cli(own, tmp_path, capsys):
     """README's "Train on your own data", step by step: a CelebAMask-HQ checkpoint fine-tuned
     on a 6-class dataset merged to 5 classes (lips from upper and lower lip, a new beard)."""

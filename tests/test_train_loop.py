@@ -18,6 +18,8 @@ import pytest
 from segface_jax.train.trainer import TrainingError, load_config, train
 from tests import datasets
 
+pytestmark = pytest.mark.quick_compile  # tiny models, a few steps (tests/conftest.py)
+
 TINY = '''
 from segface_jax.train.trainer import TrainConfig
 

@@ -24,7 +24,8 @@ from segface_jax.train import losses, optim, step
 from segface_jax.variants import get_variant
 from tests.helpers import torch_segface_loss
 
-pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+# see README, "Tests": the fast tier leaves this file out; every model here is small
+pytestmark = [pytest.mark.slow, pytest.mark.quick_compile]
 
 
 def _one_device_mesh() -> jax.sharding.Mesh:
@@ -135,6 +136,7 @@ def test_adamw_and_multistep_match_torch():
     assert [float(lr(k)) for k in range(6)] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
 
 
+@pytest.mark.quick_compile(False)  # see tests/conftest.py
 def test_same_step_on_one_and_eight_devices():
     """Two sharded steps on 8 host devices against the same steps on one device.
 

@@ -30,7 +30,8 @@ from segface_jax.variants import get_variant
 from tests import datasets, small_models
 from tests.helpers import copy_from_torch, gradient_errors, torch_train_step
 
-pytestmark = pytest.mark.slow  # see README, "Tests": the fast tier leaves this file out
+# see README, "Tests": the fast tier leaves this file out; every model here is small
+pytestmark = [pytest.mark.slow, pytest.mark.quick_compile]
 
 FAMILIES = list(small_models.FAMILY_VARIANT)
 BN_FAMILIES = ("mobilenet_v3_large", "efficientnet_v2_m", "resnet101")
