@@ -166,6 +166,12 @@ def test_tensorboard_event_file_reads_back_with_tensorboardX(tmp_path):
     assert got == [(1, {"train/loss": 1.25, "train/lr": f32(1e-4)}),
                    (300, {"train/loss": f32(0.1), "train/lr": f32(1e-6)}),
                    (300, {"val/mean_f1": 71.5, "val/f1/skin": 90.25, "val/f1/l_eye": 60.0})]
+    # a resumed run in the same second and process writes a file of its own beside it
+    first = path.read_bytes()
+    with MetricWriter(epath.Path(tmp_path), total_steps=300, initial_step=300, desc="t",
+                      progress=False) as writer:
+        writer.write(records[0])
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2 and path.read_bytes() == first
 
 
 def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():

@@ -13,6 +13,8 @@ installed: 5 s and 0.5 GB of memory before a training run starts.)
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import struct
 import time
@@ -31,6 +33,7 @@ def _crc32c_table() -> list[int]:
 
 
 _TABLE = _crc32c_table()
+_FILES = itertools.count()  # one new file per writer, even two in one process and second
 
 
 def crc32c(data: bytes) -> int:
@@ -72,7 +75,8 @@ class EventWriter:
     def __init__(self, logdir: epath.Path) -> None:
         logdir.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        self.path = logdir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
+        self.path = logdir / (f"events.out.tfevents.{int(now)}.{socket.gethostname()}."
+                              f"{os.getpid()}.{next(_FILES)}")
         self._file = self.path.open("wb")
         self._record(_event(now, 0, _field(3, b"brain.Event:2")))
 
