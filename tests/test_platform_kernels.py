@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from segface_jax.models.layers import apply_conv, depthwise_conv, lax_convolutions
+from segface_jax.models.layers import apply_conv, depthwise_conv, kernels_for, lax_convolutions
 from segface_jax.models.mobilenet_v3 import InvertedResidual
 
 C = 8  # channels of the depthwise conv: its grouped convolution has feature_group_count = C
@@ -99,7 +99,7 @@ def test_vmap_and_eager_match_lax():
         depthwise_conv(x, k, None, impl="conv")
 
 
-def test_lax_convolutions_fix_the_choice_at_trace_time():
+def test_kernels_for_one_platform_fix_the_choice_at_trace_time():
     x, k, conv = _inputs()
 
     def jaxpr() -> str:
@@ -110,7 +110,39 @@ def test_lax_convolutions_fix_the_choice_at_trace_time():
     with lax_convolutions():  # what the ONNX export traces: no platform_dependent left
         text = jaxpr()
     assert "platform_index" not in text and text.count("conv_general_dilated[") == 2
+    with kernels_for("gpu"):
+        assert jaxpr() == text
+    with kernels_for("cpu"):  # what a train step jitted for CPU devices traces
+        text = jaxpr()
+    assert "platform_index" not in text and "conv_general_dilated[" not in text
+    assert "dot_general[" in text and "slice[" in text
     assert "platform_index" in jaxpr()  # leaving the block restores the per-platform choice
+
+
+def test_train_step_traces_for_its_mesh_platform():
+    """The train step, jitted for a mesh of CPU devices, holds the CPU kernels and no platform
+    switch: differentiating the switch would trace and differentiate both branches."""
+    from segface_jax.train import optim, step
+
+    class Tiny(nnx.Module):  # a depthwise conv and a 1x1 conv to 4 classes
+        def __init__(self):
+            self.kernel = nnx.Param(jax.random.normal(jax.random.key(1), (3, 3, 3)))
+            self.conv = nnx.Conv(3, 4, (1, 1), rngs=nnx.Rngs(0))
+
+        def __call__(self, x, landmarks=None):
+            return apply_conv(self.conv, depthwise_conv(x, self.kernel[...], None))
+
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    tx = optim.adamw(1e-3, 0.0)
+    graphdef, state = step.init_state(Tiny(), tx, mesh=mesh)
+    train = step.make_train_step(graphdef, tx, mesh, dice_group=None, needs_landmarks=False)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (2, 7, 9, 3), dtype=np.uint8),
+             "label": rng.integers(0, 4, (2, 7, 9)).astype(np.uint8),
+             "landmarks": np.zeros((2, 5, 2), np.float32)}
+    text = str(train.trace(state, batch).jaxpr)
+    assert "platform_index" not in text and "conv_general_dilated[" not in text
+    assert "dot_general[" in text and "slice[" in text
 
 
 def test_mobilenet_block_export_round_trips():

@@ -160,7 +160,7 @@ def test_same_step_on_one_and_eight_devices():
         mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
                              axis_types=(jax.sharding.AxisType.Auto,))
         tx = optim.adamw(lr, 1e-5, eps=1e-3)
-        graphdef, state = step.init_state(model, tx)
+        graphdef, state = step.init_state(model, tx, mesh=mesh)
         train = step.make_train_step(graphdef, tx, mesh, dice_group=4, needs_landmarks=False)
         seen = []
         for _ in range(steps):
@@ -189,9 +189,9 @@ def test_tiny_model_overfits_four_images():
     batch = {"image": images.astype(np.uint8), "label": labels,
              "landmarks": np.zeros((4, 5, 2), np.float32)}
     tx = optim.adamw(1e-3, 1e-5)  # 1e-2 stalls this tiny model; 1e-3 falls >95% by step 33
-    graphdef, state = step.init_state(model, tx)
-    train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
-                                 needs_landmarks=False)
+    mesh = _one_device_mesh()
+    graphdef, state = step.init_state(model, tx, mesh=mesh)
+    train = step.make_train_step(graphdef, tx, mesh, dice_group=None, needs_landmarks=False)
     history = []
     for _ in range(40):
         state, metrics = train(state, batch)
@@ -229,19 +229,22 @@ def test_freezing_labels_parts_by_name(freeze):
 def test_frozen_parts_stay_bit_identical_through_training_steps():
     """Three training steps of a tiny SegFace with freeze="encoder+fusion": the encoder's and
     the fusion's parameters are bit for bit the initial ones, the decoder's move, and the
-    optimizer holds Adam moments for the decoder's parameters only."""
+    optimizer holds Adam moments for the decoder's parameters only. The steps share one
+    compiled program."""
     rng = np.random.default_rng(1)
     batch = {"image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 3, (2, 32, 32)).astype(np.uint8),
              "landmarks": np.zeros((2, 5, 2), np.float32)}
     frozen = optim.FREEZE["encoder+fusion"]
     tx = optim.freezing(optim.adamw(1e-3, 1e-5), "encoder+fusion")
-    graphdef, state = step.init_state(_tiny_segface(("background", "a", "b")), tx)
+    mesh = _one_device_mesh()
+    graphdef, state = step.init_state(_tiny_segface(("background", "a", "b")), tx, mesh=mesh)
     start = jax.tree.map(np.array, state["params"])
-    train = step.make_train_step(graphdef, tx, _one_device_mesh(), dice_group=None,
-                                 needs_landmarks=False)
+    train = step.make_train_step(graphdef, tx, mesh, dice_group=None, needs_landmarks=False)
     for _ in range(3):
         state, _ = train(state, batch)
+    # one program for all three: init_state put the state where the step puts its output
+    assert train._cache_size() == 1
     after = jax.tree.map(np.array, state["params"])
     assert set(after) >= {"backbone", "fusion", "face_decoder"}
     for part in after:

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from segface_jax.datasets import DATASETS, Dataset
 from segface_jax.files import atomic_write, ensure_writable
 from segface_jax.labels import LabelError, LabelMapping, LabelSet, read_mapping
+from segface_jax.models.layers import kernels_for
 from segface_jax.runtime import LoadedModel
 from segface_jax.train import metrics
 from segface_jax.train.mesh import data_mesh, normalize_on_device
@@ -47,13 +48,15 @@ def confusion_step(model: LoadedModel, mesh: jax.sharding.Mesh,
     scored = c if predictions is None else len(predictions.target)
     lut = None if predictions is None else jnp.asarray(predictions.table()[:c], jnp.int32)
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    platform = mesh.devices.flat[0].platform  # the kernels to trace (layers.kernels_for)
 
     @functools.partial(jax.jit, in_shardings=(replicated, batch, batch, batch),
                        out_shardings=replicated)
     def step(state, images, labels, landmarks):
         module = nnx.merge(graphdef, state)
         lm = landmarks if model.variant.needs_landmarks else None
-        logits = module(normalize_on_device(images), lm)
+        with kernels_for(platform):
+            logits = module(normalize_on_device(images), lm)
         r = labels.shape[1:3]
         if logits.shape[1:3] != r:  # upstream resizes to R; the models already output R
             logits = jax.image.resize(logits, (logits.shape[0], *r, c), "bilinear",

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from segface_jax.models.layers import set_training
+from segface_jax.models.layers import kernels_for, set_training
 from segface_jax.train.losses import segface_loss
 from segface_jax.train.mesh import normalize_on_device
 
@@ -32,15 +32,22 @@ def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
     return graphdef, {"params": params, "rest": rest}
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0):
-    """(graphdef, initial state) for ``train_step``.
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None):
+    """(graphdef, initial state) for ``train_step``, replicated on ``mesh`` when given.
 
     Stochastic depth draws from ``fold_in(key(seed), step)``: the random stream is a function
-    of the seed and the step, so a resumed run makes exactly the same draws.
+    of the seed and the step, so a resumed run makes exactly the same draws. A state placed
+    where the step puts its output is what every later step receives: given one that is not
+    (arrays on the default device), the first step would be traced and compiled for it and the
+    second once more.
     """
     graphdef, parts = split_for_training(model)
-    return graphdef, {**parts, "opt": tx.init(parts["params"]),
-                      "step": jnp.zeros((), jnp.int32), "seed": jnp.asarray(seed, jnp.uint32)}
+    state = {**parts, "opt": tx.init(parts["params"]), "step": jnp.zeros((), jnp.int32),
+             "seed": jnp.asarray(seed, jnp.uint32)}
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+    return graphdef, state
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group: int | None,
@@ -135,12 +142,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """jit(state, batch) -> (state, metrics): batch sharded on ``data``, state replicated and
     donated; ``accum_steps`` > 1 accumulates gradients over that many micro-batches."""
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    platform = mesh.devices.flat[0].platform  # the kernels to trace (layers.kernels_for)
 
     @functools.partial(jax.jit, donate_argnums=0,
                        in_shardings=(replicated, batch_sharding), out_shardings=replicated)
     def step(state: dict, batch: dict) -> tuple[dict, dict[str, Any]]:
-        loss, parts, rest, grads = accumulated_loss_and_grads(
-            graphdef, state, batch, dice_group, needs_landmarks, accum_steps)
+        with kernels_for(platform):
+            loss, parts, rest, grads = accumulated_loss_and_grads(
+                graphdef, state, batch, dice_group, needs_landmarks, accum_steps)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}

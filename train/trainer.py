@@ -140,7 +140,7 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                                     cfg.adam_eps), cfg.freeze)
     model = build_model(cfg, v, mapping)
     set_remat(model, cfg.remat)
-    graphdef, state = step.init_state(model, tx, cfg.seed)
+    graphdef, state = step.init_state(model, tx, cfg.seed, mesh)
     train_step = step.make_train_step(graphdef, tx, mesh, dice_group=cfg.dice_group,
                                       needs_landmarks=v.needs_landmarks, lr_schedule=schedule,
                                       accum_steps=cfg.accum_steps)
@@ -149,7 +149,6 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
     run = _Run(cfg, v, mapping, workdir, steps_per_epoch,
                cfg.max_steps or cfg.epochs * steps_per_epoch, mesh, graphdef, train_step, loader,
                _val_source(cfg, data_set))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
     return run, _Status(_Step(0, state, {}, run.batches.get_state()), saved=0)
 
 
