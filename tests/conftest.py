@@ -103,13 +103,17 @@ def _quick_compile(request, monkeypatch):
     """Tests marked ``quick_compile`` compile tiny models for a few steps, where XLA's
     optimization passes cost far more than they save: they compile with most of them off
     (``jax_disable_most_optimizations``: LLVM at -O0 without its expensive passes; XLA's HLO
-    passes stay, and float32 results move by rounding only: a tiny Swin's loss after 5 steps
-    by 1.3e-6 relative), and so do the CLI processes they start. Measured on this 2-core
-    EPYC, a tiny Swin's train step compiled in 17.6 s instead of 27.3 s and its eager
-    initialisation took 11.5 s instead of 21.4 s; 5 steps ran in 1.4 s instead of 1.0 s.
-    Full-size models keep every optimization: their programs run 60% slower without. So does
-    the 1-vs-8-devices step test (``quick_compile(False)``): without them its two runs ended
-    1.65e-4 of a tensor's scale apart, against 1.5e-7 with them.
+    passes stay) and with XLA:CPU's older loop emitters instead of its MLIR fusion emitters
+    (``xla_cpu_use_fusion_emitters=false``), and so do the CLI processes they start. Float32
+    results move by rounding only: a tiny Swin's loss after 5 steps by 1.3e-6 relative.
+    Measured on this 2-core EPYC, one core, a small MobileNetV3's train step (tests/
+    small_models.py, 40 px, batch 4) compiled in 43 s with every optimization, 38 s at -O0
+    and 13 s at -O0 with the older emitters, and its eager initialisation took 22 s, 22 s and
+    9 s; the step then ran in 0.4-0.6 s each way. (At full optimization the older emitters
+    save nothing: 54 s against 63 s for that step, 66 s against 35 s for the initialisation.)
+    Full-size models keep every optimization and the default emitters: their programs run 60%
+    slower without. So does the 1-vs-8-devices step test (``quick_compile(False)``): at -O0
+    its two runs ended 1.65e-4 of a tensor's scale apart, against 1.5e-7 with optimizations.
 
     These tests also put every program in the persistent cache, however quick to compile:
     the eager initialisation compiles one small program per parameter shape, the same in
@@ -125,11 +129,34 @@ def _quick_compile(request, monkeypatch):
     for name, value in flags.items():
         monkeypatch.setenv(name.upper(), str(int(value)))
         jax.config.update(name, value)
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} "
+                                    f"--{_LOOP_EMITTERS[0]}={str(_LOOP_EMITTERS[1]).lower()}")
+    _compile_in_process_with(monkeypatch, dict([_LOOP_EMITTERS]))
     try:
         yield
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+
+
+_LOOP_EMITTERS = ("xla_cpu_use_fusion_emitters", False)
+
+
+def _compile_in_process_with(monkeypatch, options: dict) -> None:
+    """Add XLA debug ``options`` to every compilation of this process (XLA_FLAGS are read
+    once, when the backend starts), through the hook behind ``jit(compiler_options=...)``.
+    A JAX without it compiles as before: slower, with the same results."""
+    try:
+        from jax._src import compiler
+        original = compiler.get_compile_options
+    except (ImportError, AttributeError):
+        return
+
+    def get_compile_options(*args, env_options_overrides=None, **kwargs):
+        return original(*args, env_options_overrides={**options, **(env_options_overrides or {})},
+                        **kwargs)
+
+    monkeypatch.setattr(compiler, "get_compile_options", get_compile_options)
 
 
 def pytest_pycollect_makemodule(module_path, parent):

@@ -292,6 +292,16 @@ def _cli(config: Path, workdir: Path, *extra: str) -> list[str]:
             "--workdir", str(workdir), "--quiet", *extra]
 
 
+def _env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a CLI process: this one's, with ``devices`` host devices; XLA_FLAGS'
+    other flags (those of the quick_compile marker) are kept."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """A small MobileNetV3 (BatchNorm) recipe: run A trains 8 steps; run B is killed with
@@ -301,7 +311,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     test_processes_share_the_global_batch_and_resume_on_another_count, bit for bit too.)"""
     config = _bn_config(tmp_path)
     work = tmp_path
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = _env()
     steps = ("--set", "max_steps=8")
     a = subprocess.run(_cli(config, work / "a", *steps), env=env, capture_output=True,
                        text=True, timeout=600)
@@ -369,8 +379,7 @@ def _run_processes(config: Path, workdir: Path, processes: int, *extra: str) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # 2 devices in all: one process with two, or two processes with one each
-    devices = "--xla_force_host_platform_device_count=2" if processes == 1 else ""
-    env = {**os.environ, "XLA_FLAGS": devices, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    env = _env(2 if processes == 1 else 1, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     multi = lambda i: (["--num-processes", str(processes), "--process-id", str(i),  # noqa: E731
                         "--coordinator", f"127.0.0.1:{port}"] if processes > 1 else [])
     # every run sees all the machine's cores, as a user's would (see the test's docstring):
@@ -464,7 +473,7 @@ def test_processes_share_the_global_batch_and_resume_on_another_count(tmp_path, 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, lapa_root):
     config = _config(tmp_path, lapa_root, 100_000)  # far more than it can run before the signal
-    env = {**os.environ, "XLA_FLAGS": "", "SEGFACE_JAX_COMPILATION_CACHE": "0"}
+    env = _env(SEGFACE_JAX_COMPILATION_CACHE="0")
     proc = subprocess.Popen(_cli(config, tmp_path / "run", "--set", "checkpoint_every=1000"),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "metrics.jsonl"
