@@ -146,8 +146,8 @@ def test_parity_fails_with_exit_status_1_above_the_bar(tmp_path, capsys, monkeyp
     torch_stages = parity.torch_stages
     monkeypatch.setattr(parity, "torch_stages", lambda *a: {
         k: v * 1.001 for k, v in torch_stages(*a).items()})
-    rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
-               str(release.release_file("convnext_celeba")), "--out", str(tmp_path / "o.png")])
+    rc = main(["parity", "--variant", "swinb_celeba_224", "--weights",
+               str(release.release_file("swin_celeba")), "--out", str(tmp_path / "o.png")])
     text = capsys.readouterr().out
     verdict = text.strip().splitlines()[-1]
     assert rc == 1 and re.match(r"FAIL: relative (9\.99e-04|1\.00e-03) > 2e-05", verdict), verdict
