@@ -129,9 +129,9 @@ def _quick_compile(request, monkeypatch):
     for name, value in flags.items():
         monkeypatch.setenv(name.upper(), str(int(value)))
         jax.config.update(name, value)
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} "
-                                    f"--{_LOOP_EMITTERS[0]}={str(_LOOP_EMITTERS[1]).lower()}")
-    _compile_in_process_with(monkeypatch, dict([_LOOP_EMITTERS]))
+    monkeypatch.setenv("XLA_FLAGS", " ".join([os.environ.get("XLA_FLAGS", ""), *(
+        f"--{name}={str(value).lower()}" for name, value in _LOOP_EMITTERS.items())]))
+    _compile_in_process_with(monkeypatch, _LOOP_EMITTERS)
     try:
         yield
     finally:
@@ -139,7 +139,7 @@ def _quick_compile(request, monkeypatch):
             jax.config.update(name, value)
 
 
-_LOOP_EMITTERS = ("xla_cpu_use_fusion_emitters", False)
+_LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}  # XLA debug options
 
 
 def _compile_in_process_with(monkeypatch, options: dict) -> None:

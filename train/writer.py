@@ -57,7 +57,8 @@ class MetricWriter:
                 for sub, x in values.items():
                     if key not in ("step", "epoch", "kind") and isinstance(x, int | float):
                         scalars[f"{record['kind']}/{key}" + (f"/{sub}" if sub else "")] = x
-            self._tensorboard.scalars(record["step"], scalars)
+            if scalars:
+                self._tensorboard.scalars(record["step"], scalars)
         if record["kind"] == "val" and self._main:
             self._bar.write(_val_line(record))
         if record["kind"] == "train":
