@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -215,6 +216,45 @@ def test_every_process_count_reads_the_same_global_batches(roots):
     direct = {_digest({k: v[None] for k, v in data.prepare(src[i], "lapa", 32).items()})
               for i in range(4)}
     assert {_digest({k: batch[k][r:r + 1] for k in batch}) for r in range(4)} == direct
+
+
+class _CountingSource:
+    """A source of ``n`` LaPa records (record 0's, repeated) that counts the reads."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n, self.reads = source, n, 0
+        self.record = source[0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        return self.record
+
+
+def _settled(source: _CountingSource) -> int:
+    """``source.reads`` once grain's read-ahead threads have stopped reading."""
+    reads = -1
+    while reads != source.reads:
+        reads = source.reads
+        time.sleep(0.5)
+    return reads
+
+
+def test_read_ahead_is_a_few_batches(roots):
+    """The pipelines decode at most a few batches ahead of the consumer (grain's default read
+    options, 16 threads and 500 elements, would decode hundreds of batches into host memory
+    while their threads hold the GIL against the training step and the checkpoint writer)."""
+    src = _CountingSource(data.open_source("lapa", roots["lapa"], "train"), 1000)
+    it = pipeline.train_loader(src, "lapa", 32, 2, process_index=0, process_count=1)
+    next(it)
+    # one batch handed out, two ready, one being decoded per thread: at most 5 batches of 2
+    assert _settled(src) <= 2 * (1 + 2 + pipeline._READ_THREADS)
+    src.reads = 0
+    _, batches = pipeline.eval_batches(src, "lapa", 32, 2)
+    next(batches)
+    assert _settled(src) <= 2 + 2 * 2 + pipeline._READ_THREADS  # records, not batches
 
 
 def test_eval_batches_shard_and_pad(roots):
