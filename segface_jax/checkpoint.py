@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -28,7 +29,21 @@ class CheckpointError(Exception):
 
 def abstract_model(cfg: SegFaceConfig, dtype: Any = None) -> SegFace:
     """The model's structure with ShapeDtypeStruct leaves: no memory, no random numbers drawn."""
-    return nnx.eval_shape(lambda: SegFace(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    try:
+        hash((cfg, dtype))
+    except TypeError:  # a config holding lists: traced every time
+        graphdef, state = _abstract_parts.__wrapped__(cfg, dtype)
+    else:
+        graphdef, state = _abstract_parts(cfg, dtype)
+    return nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))  # fresh Variables
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_parts(cfg: SegFaceConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    """``abstract_model``'s parts, traced once per process: the trace grows quadratically with
+    the model (every random-key draw makes JAX scan the whole trace so far; 6 s for Swin-B at
+    512 px), and converting then loading a checkpoint needs the structure twice."""
+    return nnx.split(nnx.eval_shape(lambda: SegFace(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
 
 
 def flat_state(module: nnx.Module) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,6 +155,23 @@ def test_fill_module_rejects_wrong_shapes():
     arrays[key] = np.zeros((3, 3), np.float32)
     with pytest.raises(CheckpointError, match=key):
         fill_module(abstract, arrays)
+
+
+def test_abstract_model_is_traced_once_and_never_shared():
+    """The structure is traced once per config and dtype; every call returns its own module, so
+    filling one (``fill_module`` sets the given module's variables) leaves the next abstract.
+    A config that cannot be hashed (a list field) is traced each time."""
+    cfg = SegFaceConfig("swin_b", datasets.CELEBAMASK_HQ_CLASSES, False, SMALL)
+    first = abstract_model(cfg)
+    hits = checkpoint._abstract_parts.cache_info().hits
+    fill_module(first, {k: np.zeros(v.shape, np.float32)
+                        for k, v in checkpoint.flat_state(first).items()})
+    second = abstract_model(cfg)
+    assert checkpoint._abstract_parts.cache_info().hits == hits + 1
+    assert {type(v) for v in checkpoint.flat_state(second).values()} == {jax.ShapeDtypeStruct}
+    listed = dataclasses.replace(cfg, class_names=list(cfg.class_names))
+    assert checkpoint.flat_state(abstract_model(listed)).keys() == checkpoint.flat_state(
+        second).keys()
 
 
 @pytest.mark.slow
