@@ -60,7 +60,7 @@ def test_parity_offline_falls_back_to_seeded_weights(tmp_path, capsys, monkeypat
     assert not list(tmp_path.glob(".*partial"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def user_image_run(tmp_path_factory):
     """``parity`` on a grayscale user image with a release file, saving golden files:
     (exit status, stdout, overlay path, golden directory)."""
@@ -70,8 +70,8 @@ def user_image_run(tmp_path_factory):
     Image.fromarray(rgb).convert("L").save(image)  # grayscale input is converted to RGB
     out, golden = tmp / "o.png", tmp / "golden"
     with contextlib.redirect_stdout(io.StringIO()) as text:
-        rc = main(["parity", "--variant", "convnext_celeba_512", "--weights",
-                   str(release.release_file("convnext_celeba")), "--image", str(image),
+        rc = main(["parity", "--variant", "swinb_celeba_224", "--weights",
+                   str(release.release_file("swin_celeba")), "--image", str(image),
                    "--out", str(out), "--save-golden", str(golden)])
     return rc, text.getvalue(), out, golden
 
@@ -85,9 +85,9 @@ def test_parity_with_release_file_and_user_image(user_image_run):
     assert "every stage within its share of the bar" in text
     assert text.strip().splitlines()[-1].startswith("PASS: relative")
     width, height = Image.open(out).size
-    assert width == 4 * 512 and height > 512
-    assert {p.name for p in golden.iterdir()} == {"convnext_celeba_512.json",
-                                                  "convnext_celeba_512.npz"}
+    assert width == 4 * 224 and height > 224
+    assert {p.name for p in golden.iterdir()} == {"swinb_celeba_224.json",
+                                                  "swinb_celeba_224.npz"}
 
 
 # The CLI with torch, torchvision and segment-anything unimportable, as on a TPU VM without them.
@@ -99,9 +99,9 @@ def test_golden_files_recheck_without_torch(user_image_run):
     """The golden files re-check in a process that cannot import torch: the same verdict and
     stage table, the weights found in the cache by the release file's sha256."""
     golden = user_image_run[3]
-    release.converted("convnext_celeba_512")  # the cache entry a user's earlier run left
+    release.converted("swinb_celeba_224")  # the cache entry a user's earlier run left
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, "parity", "--variant",
-                           "convnext_celeba_512", "--golden", str(golden)],
+                           "swinb_celeba_224", "--golden", str(golden)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -115,24 +115,24 @@ def test_golden_files_from_another_variant_or_modified_are_refused(user_image_ru
     other = tmp_path / "renamed"
     other.mkdir()
     for suffix in (".json", ".npz"):
-        shutil.copy(golden / f"convnext_celeba_512{suffix}", other / f"resnet_celeba_512{suffix}")
+        shutil.copy(golden / f"swinb_celeba_224{suffix}", other / f"resnet_celeba_512{suffix}")
     assert main(["parity", "--variant", "resnet_celeba_512", "--golden", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "was saved for 'convnext_celeba_512', not resnet_celeba_512" in err, err
+    assert "was saved for 'swinb_celeba_224', not resnet_celeba_512" in err, err
 
     edited = tmp_path / "edited"
     shutil.copytree(golden, edited)
-    with np.load(edited / "convnext_celeba_512.npz") as z:
+    with np.load(edited / "swinb_celeba_224.npz") as z:
         arrays = {k: z[k] for k in z.files}
     arrays["images"][0, 0, 0, 0] += 1.0
-    np.savez_compressed(edited / "convnext_celeba_512.npz", **arrays)
-    assert main(["parity", "--variant", "convnext_celeba_512", "--golden", str(edited)]) == 2
+    np.savez_compressed(edited / "swinb_celeba_224.npz", **arrays)
+    assert main(["parity", "--variant", "swinb_celeba_224", "--golden", str(edited)]) == 2
     assert "modified or truncated" in capsys.readouterr().err
 
-    assert main(["parity", "--variant", "swinb_celeba_224", "--golden", str(golden)]) == 2
-    assert "no golden files for swinb_celeba_224" in capsys.readouterr().err
-    wrong = str(release.converted("swinb_celeba_224"))  # other weights than the golden files'
-    assert main(["parity", "--variant", "convnext_celeba_512", "--golden", str(golden),
+    assert main(["parity", "--variant", "swinb_celeba_256", "--golden", str(golden)]) == 2
+    assert "no golden files for swinb_celeba_256" in capsys.readouterr().err
+    wrong = str(release.converted("swinb_lapa_224"))  # other weights than the golden files'
+    assert main(["parity", "--variant", "swinb_celeba_224", "--golden", str(golden),
                  "--weights", wrong]) == 2
     err = capsys.readouterr().err
     assert "but the golden files were made from" in err and "Traceback" not in err
@@ -162,9 +162,9 @@ def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
-    weights = tmp_path / "weights" / "convnext_celeba_512"
+    weights = tmp_path / "weights" / "swinb_celeba_224"
     weights.mkdir(parents=True)
-    (weights / "model_299.pt").symlink_to(release.release_file("convnext_celeba"))
+    (weights / "model_299.pt").symlink_to(release.release_file("swin_celeba"))
     images = tmp_path / "faces"
     images.mkdir()
     shutil.copy(user_image_run[2].parent / "face.png", images / "face.png")
@@ -174,19 +174,19 @@ def test_parity_all_writes_a_report_of_every_variant_with_weights(user_image_run
                  str(images), "--out", str(report)]) == 0
     out = capsys.readouterr().out
     assert "1 of 1 variants PASS; no weights for " in out and "swinb_lapa_512" in out
-    assert "| convnext_celeba_512 | PASS |" in out  # the verdict table, printed
+    assert "| swinb_celeba_224 | PASS |" in out  # the verdict table, printed
     doc = json.loads((report / "parity.json").read_text())
     assert {"jax", "jaxlib", "torch", "torchvision"} <= set(doc["versions"]) and doc["device"]
     (row,) = doc["variants"]
-    assert row["variant"] == "convnext_celeba_512" and row["verdict"] == "PASS"
+    assert row["variant"] == "swinb_celeba_224" and row["verdict"] == "PASS"
     assert row["relative"] <= 2e-5 and list(row["images"]) == ["face.png"]
     assert row["weights"].endswith("model_299.pt") and len(doc["skipped (no weights)"]) == 13
     table = (report / "parity.md").read_text()
-    assert "| convnext_celeba_512 | PASS |" in table and "No weights found for:" in table
-    assert (report / "parity_convnext_celeba_512.png").is_file()
+    assert "| swinb_celeba_224 | PASS |" in table and "No weights found for:" in table
+    assert (report / "parity_swinb_celeba_224.png").is_file()
     # the golden files of every variant saved in a folder, re-checked in one go, with the
     # weights the cache holds for the release file they were made from
-    release.converted("convnext_celeba_512")
+    release.converted("swinb_celeba_224")
     assert main(["parity", "--all", "--golden", str(user_image_run[3])]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: relative")
 
