@@ -16,6 +16,7 @@ import functools
 import gc
 import json
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,14 +27,25 @@ from segface_jax.datasets import Dataset, get_dataset
 from segface_jax.labels import LabelMapping
 from segface_jax.train import data
 
+
 # How far grain reads ahead of the consumer. Its default (16 threads, 500 elements) decodes
 # hundreds of batches ahead into host memory, and its threads hold the GIL against the training
-# loop. Measured on this 2-core EPYC, a tiny MobileNetV3 run of 8 steps (tests/test_train_loop.py's
-# BatchNorm recipe) took 70 s with the default and 35 s with this: the step traced in 22 s
-# against 5.6 s, and the first Orbax save took 15.6 s against 1.6 s. Two threads keep two
-# elements ready, enough to feed a step; data-loading throughput comes from ``worker_count``
-# processes, each reading ahead the same way.
-_READ_THREADS = 2
+# loop all the while. Measured on this 2-core EPYC, a tiny MobileNetV3 run of 8 steps
+# (tests/test_train_loop.py's BatchNorm recipe) took 70 s with the default and 35 s reading two
+# batches ahead in two threads: the step traced in 22 s against 5.6 s, and the first Orbax save
+# took 15.6 s against 1.6 s. So the threads are the cores this process may use (2 to 16) and
+# the buffer holds as many elements as there are threads: every thread decodes at once when the
+# consumer is fast, and all of them rest when it is slow.
+def _read_threads() -> int:
+    """grain's reading threads: the cores this process may use, from 2 to 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(2, min(16, cores))
+
+
+_READ_THREADS = _read_threads()
 
 
 def _read_ahead(elements: int) -> grain.ReadOptions:
@@ -139,7 +151,7 @@ class TrainBatches:
     def _iterator(self, step: int) -> Iterator[dict[str, np.ndarray]]:
         b = self._example.rows
         ds = grain.MapDataset.range(step * b, _MAX_STEPS * b).map(self._example)
-        ds = ds.batch(b, drop_remainder=True).to_iter_dataset(_read_ahead(2))  # batches
+        ds = ds.batch(b, drop_remainder=True).to_iter_dataset(_read_ahead(_READ_THREADS))
         if self._workers:
             _flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
@@ -212,7 +224,7 @@ def eval_batches(source, dataset: Dataset | str, resolution: int, batch_size: in
     sampler = grain.samplers.IndexSampler(num_records=len(mine), shuffle=False, num_epochs=1)
     loader = grain.DataLoader(
         data_source=mine, sampler=sampler, worker_count=worker_count,
-        read_options=_read_ahead(2 * batch_size),  # records
+        read_options=_read_ahead(max(_READ_THREADS, 2 * batch_size)),  # records
         operations=[Prepare(get_dataset(dataset), resolution, mapping),
                     grain.transforms.Batch(batch_size, drop_remainder=False)])
 
