@@ -5,6 +5,7 @@ import atexit
 import ctypes
 import gc
 import os
+import resource
 import shutil
 import tempfile
 
@@ -163,3 +164,37 @@ def pytest_pycollect_makemodule(module_path, parent):
     """Collect every test module through ``_TestModule``."""
     return _TestModule.from_parent(parent, path=module_path)
 
+
+
+@pytest.fixture(autouse=True)
+def _peak_memory(request):
+    """After each test: this process's and its child processes' peak RSS so far, for the
+    summary below (the suite's memory budget is its largest process)."""
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    for who, usage in ((worker, resource.RUSAGE_SELF), (f"{worker}'s CLI processes",
+                                                          resource.RUSAGE_CHILDREN)):
+        request.node.user_properties.append(
+            ("peak_rss_kib", (who, resource.getrusage(usage).ru_maxrss)))
+
+
+_PEAKS: dict[str, tuple[int, str]] = {}  # process -> (peak RSS in KiB, the test that set it)
+
+
+def pytest_runtest_logreport(report):
+    """Note the test at which each process's peak RSS rose (reports from xdist workers too)."""
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == "peak_rss_kib":
+            who, kib = value
+            if kib > _PEAKS.get(who, (0, ""))[0]:
+                _PEAKS[who] = (kib, report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each process's peak RSS and the test during which it was reached."""
+    if _PEAKS and not os.environ.get("PYTEST_XDIST_WORKER"):
+        terminalreporter.section("peak memory (RSS)")
+        for who, (kib, nodeid) in sorted(_PEAKS.items(), key=lambda kv: -kv[1][0]):
+            terminalreporter.write_line(f"{kib / 2**20:5.2f} GiB  {who}, reached in {nodeid}")
