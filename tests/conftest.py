@@ -168,14 +168,13 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 @pytest.fixture(autouse=True)
 def _peak_memory(request):
-    """After each test: this process's and its child processes' peak RSS so far, for the
-    summary below (the suite's memory budget is its largest process)."""
+    """After each test: this process's peak RSS so far, for the summary below (the suite's
+    memory budget is its largest process). (Child processes are left out: the RSS the kernel
+    reports for them starts at their parent's, as a fork shares its pages.)"""
     yield
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    for who, usage in ((worker, resource.RUSAGE_SELF), (f"{worker}'s CLI processes",
-                                                          resource.RUSAGE_CHILDREN)):
-        request.node.user_properties.append(
-            ("peak_rss_kib", (who, resource.getrusage(usage).ru_maxrss)))
+    request.node.user_properties.append(("peak_rss_kib", (
+        os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
 
 
 _PEAKS: dict[str, tuple[int, str]] = {}  # process -> (peak RSS in KiB, the test that set it)
