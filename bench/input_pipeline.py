@@ -3,10 +3,12 @@
 Writes synthetic datasets with the real files' sizes (CelebAMask-HQ: 1024 px JPEG and eight
 512 px part masks per face; LaPa: ~700 x 500 JPEG, label PNG, 106 landmarks; Helen: ~800 x 600
 JPEG, label, 68 landmarks), then times the training loader (decode, LaPa's affine, Helen's
-crop, resize, batch) after one warm-up batch. Compare with the train step's images/s: a step
+crop, resize, batch) over ``--batches`` batches after one warm-up batch (the loader is endless,
+so they span several epochs; the few batches it decoded ahead during the warm-up, one per
+reading thread, are a small share of them). Compare with the train step's images/s: a step
 faster than the pipeline leaves the accelerator waiting.
 
-    python bench/input_pipeline.py [--images 48] [--workers 0 2] [--batch 8]
+    python bench/input_pipeline.py [--images 48] [--batches 30] [--workers 0 2] [--batch 8]
 """
 
 from __future__ import annotations
@@ -71,18 +73,18 @@ def write_datasets(root: Path, n: int) -> dict[str, Path]:
     return {"celebamask_hq": celeba, "lapa": lapa, "helen": helen}
 
 
-def images_per_second(source, dataset: str, batch: int, workers: int, resolution: int) -> float:
-    """Training-loader throughput after one warm-up batch."""
+def images_per_second(source, dataset: str, batch: int, workers: int, resolution: int,
+                      batches: int) -> float:
+    """Training-loader throughput over ``batches`` batches after one warm-up batch."""
     from segface_jax.train.pipeline import train_loader
 
     it = iter(train_loader(source, dataset, resolution, batch, seed=0, worker_count=workers,
                            process_index=0, process_count=1))
     next(it)  # warm-up: worker start, first reads
-    steps = max(1, len(source) // batch - 1)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(batches):
         next(it)
-    return steps * batch / (time.perf_counter() - t0)
+    return batches * batch / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -90,6 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=48, help="images per synthetic dataset")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per layout")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--resolution", type=int, default=512)
     args = p.parse_args()
@@ -108,7 +111,7 @@ def main() -> None:
             for kind, source in sources.items():
                 for workers in args.workers:
                     rate = images_per_second(source, dataset, args.batch, workers,
-                                             args.resolution)
+                                             args.resolution, args.batches)
                     rows.append((dataset, kind, workers, rate))
                     print(f"{dataset:14} {kind:18} workers {workers}: {rate:6.1f} img/s",
                           flush=True)
