@@ -21,6 +21,9 @@ from segface_jax.models import SegFace, SegFaceConfig
 from segface_jax.models.swin import SwinConfig
 from segface_jax.runtime import LoadedModel
 
+# Small models, compiled once or twice each: compiling is most of their cost (tests/conftest.py).
+pytestmark = pytest.mark.quick_compile
+
 SMALL = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 2, 2))
 
 
