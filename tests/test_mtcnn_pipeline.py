@@ -104,6 +104,7 @@ def test_detector_matches_facenet_pytorch(detectors, faces):
     np.testing.assert_allclose(got.scores, scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.quick_compile  # freshly initialised networks: compiling is the cost
 def test_boxes_outside_the_image_are_dropped():
     """A candidate with no pixel inside the image has no crop: it is dropped (facenet-pytorch
     skips its crop but keeps the box), and one with pixels inside is clipped."""
