@@ -165,7 +165,6 @@ def pytest_pycollect_makemodule(module_path, parent):
     return _TestModule.from_parent(parent, path=module_path)
 
 
-
 @pytest.fixture(autouse=True)
 def _peak_memory(request):
     """After each test: this process's peak RSS so far, for the summary below (the suite's

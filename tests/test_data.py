@@ -222,8 +222,7 @@ class _CountingSource:
     """A source of ``n`` LaPa records (record 0's, repeated) that counts the reads."""
 
     def __init__(self, source, n: int):
-        self.source, self.n, self.reads = source, n, 0
-        self.record = source[0]
+        self.record, self.n, self.reads = source[0], n, 0
 
     def __len__(self) -> int:
         return self.n
