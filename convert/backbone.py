@@ -25,6 +25,7 @@ from segface_jax.convert.converter import (
 )
 from segface_jax.convert.rules import BACKBONE_FAMILY, FAMILIES
 from segface_jax.files import sha256_file
+from segface_jax.models.layers import abstract
 from segface_jax.models.segface import ENCODERS
 
 # torchvision weights enum of each architecture (the ones upstream's ``pretrained=True`` meant)
@@ -94,7 +95,7 @@ def _release_key(family: str, key: str) -> str | None:
 def abstract_encoder(arch: str) -> nnx.Module:
     """The encoder of ``arch`` with abstract leaves."""
     cls, preset = ENCODERS[arch]
-    return nnx.eval_shape(lambda: cls(preset(), rngs=nnx.Rngs(0)))
+    return abstract(lambda rngs: cls(preset(), rngs=rngs))
 
 
 def map_classifier(state: dict[str, np.ndarray], arch: str) -> tuple[dict[str, np.ndarray],

@@ -17,6 +17,7 @@ from flax import nnx
 
 from segface_jax.files import atomic_directory
 from segface_jax.models import SegFace, SegFaceConfig
+from segface_jax.models.layers import abstract
 
 METADATA_FILE = "segface.json"
 PARAMS_DIR = "params"
@@ -40,10 +41,9 @@ def abstract_model(cfg: SegFaceConfig, dtype: Any = None) -> SegFace:
 
 @functools.lru_cache(maxsize=8)
 def _abstract_parts(cfg: SegFaceConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
-    """``abstract_model``'s parts, traced once per process: the trace grows quadratically with
-    the model (every random-key draw makes JAX scan the whole trace so far; 6 s for Swin-B at
-    512 px), and converting then loading a checkpoint needs the structure twice."""
-    return nnx.split(nnx.eval_shape(lambda: SegFace(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    """``abstract_model``'s parts, traced once per process and config: converting then loading
+    a checkpoint needs the structure twice, and tracing a released model costs 1-5 s."""
+    return nnx.split(abstract(lambda rngs: SegFace(cfg, dtype=dtype, rngs=rngs)))
 
 
 def flat_state(module: nnx.Module) -> dict[str, Any]:

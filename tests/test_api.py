@@ -18,6 +18,7 @@ import segface_jax
 from segface_jax import checkpoint, datasets, files, variants
 from segface_jax.checkpoint import CheckpointError, abstract_model, fill_module
 from segface_jax.models import SegFace, SegFaceConfig
+from segface_jax.models.layers import abstract
 from segface_jax.models.swin import SwinConfig
 from segface_jax.runtime import LoadedModel
 
@@ -149,6 +150,25 @@ def test_bfloat16_keeps_float32_parameters():
         np.dtype(np.float32)}
     out = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((1, 64, 64, 3)))
     assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+
+
+def test_abstract_structure_is_the_eagerly_built_models():
+    """``layers.abstract`` (behind ``abstract_model``, the backbone converter and MTCNN) gives
+    the graph and the leaves (path, variable type, shape, dtype) of the model built eagerly,
+    stochastic depth, alignment and bfloat16 compute included; every leaf abstract."""
+
+    def leaves(module: nnx.Module) -> dict:
+        return {path: (type(v), v.get_value().shape, v.get_value().dtype)
+                for path, v in nnx.to_flat_state(nnx.state(module))}
+
+    cfg = SegFaceConfig("swin_b", datasets.LAPA_CLASSES, True,
+                        dataclasses.replace(SMALL, stochastic_depth_prob=0.1))
+    for dtype in (None, jnp.bfloat16):
+        eager = SegFace(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+        lazy = abstract(lambda rngs: SegFace(cfg, dtype=dtype, rngs=rngs))  # noqa: B023
+        assert nnx.graphdef(lazy) == nnx.graphdef(eager)
+        assert leaves(lazy) == leaves(eager)
+        assert {type(v) for v in checkpoint.flat_state(lazy).values()} == {jax.ShapeDtypeStruct}
 
 
 def test_fill_module_rejects_wrong_shapes():

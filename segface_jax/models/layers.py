@@ -5,12 +5,32 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Dtype = jnp.dtype | type | None
+M = TypeVar("M", bound=nnx.Module)
+
+
+def abstract(build: Callable[[nnx.Rngs], M]) -> M:
+    """The module ``build(rngs)`` makes, with ShapeDtypeStruct leaves: no random numbers drawn,
+    nothing allocated beyond key-free constants (zero biases, unit norm scales).
+
+    The same graph and leaves as ``build(nnx.Rngs(0))``. Shape evaluation of the constructor
+    alone (``nnx.eval_shape``) slows down with every parameter: each draw from an ``nnx.Rngs``
+    stores a new counter, and Flax compares its sharding, which for a traced counter makes JAX
+    scan the whole trace so far. Here the key is traced, so the initialisers stay abstract,
+    while the counter is computed as a concrete value (``ensure_compile_time_eval``): the
+    released models' structures take 1-5 s instead of 3-13 s (2-core EPYC).
+    """
+    def traced(key: jax.Array) -> M:
+        with jax.ensure_compile_time_eval():
+            return build(nnx.Rngs(key))
+
+    return nnx.eval_shape(traced, jax.random.key(0))
 
 
 class Buffer(nnx.Variable):

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from segface_jax.models.layers import abstract
+
 
 class PReLU(nnx.Module):
     """torch ``nn.PReLU(C)``: x where x >= 0, weight * x elsewhere, one weight per channel."""
@@ -124,4 +126,4 @@ NETWORKS = {"pnet": PNet, "rnet": RNet, "onet": ONet}
 def abstract_network(name: str) -> nnx.Module:
     """Network ``name`` (pnet, rnet, onet) with ShapeDtypeStruct leaves: nothing allocated and
     no random initialisation compiled."""
-    return nnx.eval_shape(lambda: NETWORKS[name](rngs=nnx.Rngs(0)))
+    return abstract(lambda rngs: NETWORKS[name](rngs=rngs))
