@@ -126,17 +126,3 @@ def test_lapa_full_model_parity_with_landmarks(name):
     assert compare(ours, ref64).relative <= 1.5 * noise.relative
     assert result.argmax_agreement >= ARGMAX_BAR
 
-
-def test_bfloat16_compute_agrees_with_float32():
-    """bfloat16 compute against our own float32 output (never against torch)."""
-    x, _ = _inputs(224)
-    f32 = np.asarray(_loaded("swinb_celeba_224")(x))
-    bf16 = np.asarray(_loaded("swinb_celeba_224", "bfloat16")(x))
-    agreement = float((f32.argmax(-1) == bf16.argmax(-1)).mean())
-    mean_diff = float(np.abs(f32 - bf16).mean())
-    print(f"\nbfloat16 vs float32: argmax {100 * agreement:.3f}%, mean |d| {mean_diff:.3e}")
-    assert bf16.dtype == np.float32
-    # Measured 94.7% (mean |d| 0.017) with these random weights: bfloat16's 8-bit mantissa
-    # (~4e-3 per op) compounds over 24 blocks and random logits are close to tied. The bound
-    # catches a bf16 path that computes something else (unrelated maps agree ~1/19 of pixels).
-    assert agreement >= 0.90

@@ -230,7 +230,8 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
     lowered = run.train_step.lower(status.latest.state, first[0])
     compiled = lowered.compile()
     peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.dtype, cfg.peak_tflops)
-    meter = perf.Throughput(cfg.global_batch, perf.step_flops(lowered), peak,
+    # the cost analysis only where MFU can be reported (1.5 s even for a tiny model on a CPU)
+    meter = perf.Throughput(cfg.global_batch, perf.step_flops(lowered) if peak else None, peak,
                             status.latest.step)
     val_every = cfg.eval_every_epochs * run.steps_per_epoch
     with perf.ProfileWindow(run.workdir / "profile", profile_steps,
