@@ -82,7 +82,8 @@ def _params(workdir: Path, step: int) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 def test_tiny_recipe_trains_logs_and_refuses_nan(tmp_path, lapa_root):
     cfg = load_config(_config(tmp_path, lapa_root, 4), ["eval_every_epochs=1"])
-    summary = train(cfg, tmp_path / "run", progress=False)
+    # --resume in a fresh work directory starts from step 0, initialised as usual
+    summary = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert summary["step"] == 4 and summary["last_checkpoint"] == 4
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text()
                .splitlines()]
@@ -199,16 +200,24 @@ def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
 
 
 @pytest.mark.slow
-def test_frozen_encoder_checkpoints_and_resumes(tmp_path, lapa_root):
+def test_frozen_encoder_checkpoints_and_resumes(tmp_path, lapa_root, monkeypatch):
     """freeze=encoder through the trainer: its optimizer state (no moments for the encoder)
     checkpoints and restores; after two resumed steps the encoder equals the one in the step-2
     checkpoint bit for bit while the decoder moved, and the optimizer state holds no moments
-    for the encoder."""
+    for the encoder. The resumed run restores into the model's structure: it initialises no
+    weights."""
     from etils import epath
+
+    from segface_jax.train import trainer
 
     config = _config(tmp_path, lapa_root, 2)
     work = epath.Path(tmp_path / "run")
     train(load_config(config, ["freeze=encoder"]), work, progress=False)
+
+    def no_initialisation(*args):
+        raise AssertionError("a resumed run initialised the model")
+
+    monkeypatch.setattr(trainer, "build_model", no_initialisation)
     train(load_config(config, ["freeze=encoder", "max_steps=4"]), work, resume=True,
           progress=False)
     first, last = _state(tmp_path / "run", 2), _state(tmp_path / "run", 4)

@@ -59,6 +59,15 @@ def build_model(cfg: TrainConfig, variant: Variant,
     return fill_module(model, arrays)
 
 
+def model_structure(cfg: TrainConfig, variant: Variant) -> SegFace:
+    """The model ``build_model`` makes, as a structure only (ShapeDtypeStruct leaves): what a
+    resumed run restores its checkpoint into."""
+    from segface_jax.checkpoint import abstract_model
+
+    dtype = None if cfg.dtype == "float32" else cfg.dtype
+    return abstract_model(SegFaceConfig.from_variant(variant), dtype)
+
+
 def _checkpoint_model(path: str, variant: Variant) -> Variant:
     """The model a SegFace checkpoint holds (its classes), for a run that trains ``variant``."""
     from segface_jax.checkpoint import read_metadata

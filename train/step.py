@@ -43,11 +43,31 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int = 
     second once more.
     """
     graphdef, parts = split_for_training(model)
-    state = {**parts, "opt": tx.init(parts["params"]), "step": jnp.zeros((), jnp.int32),
-             "seed": jnp.asarray(seed, jnp.uint32)}
+    state = _with_optimizer(parts, tx, seed)
     if mesh is not None:
         state = jax.device_put(state, NamedSharding(mesh, P()))
     return graphdef, state
+
+
+def abstract_state(model: nnx.Module, tx: optax.GradientTransformation,
+                   mesh: jax.sharding.Mesh):
+    """``init_state``'s (graphdef, state) for a model that is only a structure
+    (``abstract_model``): ShapeDtypeStructs replicated on ``mesh``. A resumed run restores its
+    checkpoint into it, with no weights initialised only to be overwritten."""
+    set_training(model, True)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shapes = jax.eval_shape(lambda parts: _with_optimizer(parts, tx, 0),
+                            {"params": params, "rest": rest})
+    replicated = NamedSharding(mesh, P())
+    return graphdef, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+def _with_optimizer(parts: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    """The train state of model ``parts``: optimizer state, step 0 and the stochastic-depth
+    seed added."""
+    return {**parts, "opt": tx.init(parts["params"]), "step": jnp.zeros((), jnp.int32),
+            "seed": jnp.asarray(seed, jnp.uint32)}
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, state: dict, batch: dict, dice_group: int | None,

@@ -39,7 +39,7 @@ from segface_jax.train import data, perf
 from segface_jax.train.checkpointing import RunCheckpoints
 from segface_jax.train.config import TrainConfig, TrainingError, check_config, load_config
 from segface_jax.train.mesh import data_mesh, prefetch_to_device
-from segface_jax.train.model_init import build_model
+from segface_jax.train.model_init import build_model, model_structure
 from segface_jax.train.writer import MetricWriter
 from segface_jax.variants import VARIANTS, Variant, get_variant
 
@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, resume: bool = False,
     workdir = workdir if workdir.is_absolute() else workdir.resolve()
 
     # ------------------------------------------------------------------ set-up
-    run, status = _set_up(cfg, workdir)
+    run, status = _set_up(cfg, workdir, resume)
     with RunCheckpoints(workdir, cfg.keep_checkpoints) as checkpoints:
 
         # -------------------------------------------------------------- restore
@@ -117,11 +117,12 @@ class _Run:
     train_step: Callable  # jit(state, batch) -> (state, metrics)
     batches: TrainBatches  # this process's rows of each global batch; state: the step
     val_source: Any  # the validation split, or None when the run does not validate
+    fresh_state: Callable[[], dict[str, Any]]  # the initialised state (a resumed run's is abstract)
 
 
-def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
+def _set_up(cfg: TrainConfig, workdir: epath.Path, resume: bool) -> tuple[_Run, _Status]:
     """Check the recipe against the devices; open the data; build the model, optimizer, state
-    (replicated) and the jitted step."""
+    (replicated; with ``resume``, its structure only) and the jitted step."""
     from segface_jax.models.layers import set_remat
     from segface_jax.train import optim, pipeline, step
 
@@ -138,9 +139,15 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
     schedule = optim.multistep_schedule(cfg.lr, cfg.milestones, cfg.gamma, steps_per_epoch)
     tx = optim.freezing(optim.adamw(schedule, cfg.weight_decay, cfg.adam_b1, cfg.adam_b2,
                                     cfg.adam_eps), cfg.freeze)
-    model = build_model(cfg, v, mapping)
-    set_remat(model, cfg.remat)
-    graphdef, state = step.init_state(model, tx, cfg.seed, mesh)
+
+    def initial_state(structure_only: bool) -> tuple[Any, dict[str, Any]]:
+        # a resumed run restores every weight: its model need only be a structure
+        model = model_structure(cfg, v) if structure_only else build_model(cfg, v, mapping)
+        set_remat(model, cfg.remat)
+        return (step.abstract_state(model, tx, mesh) if structure_only
+                else step.init_state(model, tx, cfg.seed, mesh))
+
+    graphdef, state = initial_state(structure_only=resume)
     train_step = step.make_train_step(graphdef, tx, mesh, dice_group=cfg.dice_group,
                                       needs_landmarks=v.needs_landmarks, lr_schedule=schedule,
                                       accum_steps=cfg.accum_steps)
@@ -148,7 +155,7 @@ def _set_up(cfg: TrainConfig, workdir: epath.Path) -> tuple[_Run, _Status]:
                                    seed=cfg.seed, worker_count=cfg.workers, mapping=mapping)
     run = _Run(cfg, v, mapping, workdir, steps_per_epoch,
                cfg.max_steps or cfg.epochs * steps_per_epoch, mesh, graphdef, train_step, loader,
-               _val_source(cfg, data_set))
+               _val_source(cfg, data_set), lambda: initial_state(structure_only=False)[1])
     return run, _Status(_Step(0, state, {}, run.batches.get_state()), saved=0)
 
 
@@ -206,6 +213,7 @@ def _restore(run: _Run, status: _Status, checkpoints: RunCheckpoints, resume: bo
     if latest is None:
         if resume:
             print(f"nothing to resume in {checkpoints.directory}; starting from step 0")
+            status.latest = status.latest._replace(state=run.fresh_state())
         return
     if not resume:
         raise TrainingError(f"{run.workdir} already has checkpoints (step {latest}); pass "
