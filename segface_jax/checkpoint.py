@@ -42,7 +42,7 @@ def abstract_model(cfg: SegFaceConfig, dtype: Any = None) -> SegFace:
 @functools.lru_cache(maxsize=8)
 def _abstract_parts(cfg: SegFaceConfig, dtype: Any) -> tuple[nnx.GraphDef, nnx.State]:
     """``abstract_model``'s parts, traced once per process and config: converting then loading
-    a checkpoint needs the structure twice, and tracing a released model costs 1-5 s."""
+    a checkpoint needs the structure twice, and tracing a released model costs 0.5-2.4 s."""
     return nnx.split(abstract(lambda rngs: SegFace(cfg, dtype=dtype, rngs=rngs)))
 
 
