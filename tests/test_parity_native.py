@@ -53,11 +53,11 @@ ARGMAX_BAR = 0.9999
 
 
 @functools.lru_cache(maxsize=2)  # conversions stay cached on disk; bound the memory held
-def _loaded(name: str, dtype=None) -> segface_jax.LoadedModel:
+def _loaded(name: str) -> segface_jax.LoadedModel:
     out = release.session_dir() / f"orbax-{name}"
     if not out.exists():
         convert_checkpoint(release.release_file(release.KIND_OF_VARIANT[name]), out, name)
-    return segface_jax.load(out, dtype=dtype)
+    return segface_jax.load(out)
 
 
 def _inputs(resolution: int) -> tuple[np.ndarray, np.ndarray]:
