@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from flax import nnx
 
 from segface_jax.checkpoint import fill_module, flat_state
 from segface_jax.convert.rules import Rule
+from segface_jax.models.layers import abstract
 
 
 def to_nhwc(t: torch.Tensor) -> np.ndarray:
@@ -34,6 +37,19 @@ def copy_from_torch(module: nnx.Module, torch_module: torch.nn.Module, rules: li
     expected = set(flat_state(module))
     assert expected <= set(arrays), f"not filled: {sorted(expected - set(arrays))}"
     return fill_module(module, arrays)
+
+
+def from_torch(build: Callable[[nnx.Rngs], nnx.Module], torch_module: torch.nn.Module,
+               rules: list[Rule], torch_prefix: str = "", jax_prefix: str = "") -> nnx.Module:
+    """``copy_from_torch`` into the structure ``build(rngs)`` makes, never initialised: every
+    weight comes from torch (an eager initialisation compiles a program per parameter op)."""
+    return copy_from_torch(abstract(build), torch_module, rules, torch_prefix, jax_prefix)
+
+
+def run_jitted(module: nnx.Module, *inputs) -> np.ndarray:
+    """``module(*inputs)`` as one compiled program, as SegFace runs its blocks (eagerly, every
+    op compiles a program of its own)."""
+    return np.asarray(nnx.jit(lambda m, *a: m(*a))(module, *inputs))
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:

@@ -1,9 +1,11 @@
 """Per-module parity with torchvision / segment-anything, so a failure names its culprit.
 
 Each torch module is randomised with ``reference.randomize`` (every parameter, norm scales and
-biases included) and copied into the JAX module with the converter's own rules. Tolerance:
-max |delta| / max |reference| <= 2e-6 unless stated. A single float32 module accumulates a few
-hundred roundings of ~6e-8 each; measured errors are 1e-7 to 6e-7, while the porting mistakes
+biases included) and copied with the converter's own rules into the JAX module's structure
+(never initialised: ``tests.helpers.from_torch``), which runs jitted, as SegFace runs it.
+Tolerance: max |delta| / max |reference| <= 2e-6 unless stated. A single float32 module
+accumulates a few hundred roundings of ~6e-8 each; measured errors (eagerly, before the tests
+were jitted) are 1e-7 to 6e-7, while the porting mistakes
 these tests guard against (transposed index, swapped H/W padding, mirrored kernel, tanh GELU,
 wrong epsilon, align_corners) move outputs by 1e-4 or more.
 """
@@ -30,7 +32,7 @@ from segface_jax.convert.rules import CONVNEXT_RULES, DECODER_RULES, SWIN_RULES,
 from segface_jax.models import decoder, swin
 from segface_jax.models.convnext import ConvNeXtBlock
 from segface_jax.models.layers import depthwise_conv, resize_bilinear
-from tests.helpers import copy_from_torch, rel_error, to_nhwc
+from tests.helpers import from_torch, rel_error, run_jitted, to_nhwc
 
 TOL = 2e-6
 
@@ -47,23 +49,23 @@ def _rand(*shape, seed=0):
 ])
 def test_swin_block(hw, shift):
     tm = reference.randomize(SwinTransformerBlock(32, 2, [7, 7], [shift, shift]), 1).eval()
-    jm = copy_from_torch(swin.SwinBlock(32, 2, 7, shift, 4.0, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
-                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    jm = from_torch(lambda rngs: swin.SwinBlock(32, 2, 7, shift, 4.0, rngs=rngs), tm, SWIN_RULES,
+                    "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
     x = _rand(2, *hw, 32)
     with torch.no_grad():
         ref = tm(x).numpy()
-    assert rel_error(np.asarray(jm(x.numpy())), ref) <= TOL
+    assert rel_error(run_jitted(jm, x.numpy()), ref) <= TOL
 
 
 def test_swin_block_transposed_hw_is_detected():
     """The non-square case really distinguishes H from W: swapping them changes the output."""
     tm = reference.randomize(SwinTransformerBlock(32, 2, [7, 7], [3, 3]), 1).eval()
-    jm = copy_from_torch(swin.SwinBlock(32, 2, 7, 3, 4.0, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
-                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    jm = from_torch(lambda rngs: swin.SwinBlock(32, 2, 7, 3, 4.0, rngs=rngs), tm, SWIN_RULES,
+                    "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
     x = _rand(1, 10, 17, 32)
     with torch.no_grad():
         ref = tm(x).numpy()
-    swapped = np.asarray(jm(x.numpy().transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    swapped = run_jitted(jm, x.numpy().transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     assert rel_error(swapped, ref) > 1e-3
 
 
@@ -76,19 +78,19 @@ def test_relative_position_index_matches_torchvision():
 @pytest.mark.parametrize("hw", [(8, 8), (7, 10)])
 def test_patch_merging(hw):
     tm = reference.randomize(TvPatchMerging(32), 2).eval()
-    jm = copy_from_torch(swin.PatchMerging(32, rngs=nnx.Rngs(0)), tm, SWIN_RULES,
-                         "backbone.0.2.", "backbone.merges.0.")
+    jm = from_torch(lambda rngs: swin.PatchMerging(32, rngs=rngs), tm, SWIN_RULES,
+                    "backbone.0.2.", "backbone.merges.0.")
     x = _rand(2, *hw, 32)
     with torch.no_grad():
         ref = tm(x).numpy()
-    assert rel_error(np.asarray(jm(x.numpy())), ref) <= TOL
+    assert rel_error(run_jitted(jm, x.numpy()), ref) <= TOL
 
 
 @pytest.mark.parametrize("impl", ["slices", "lax"])
 def test_convnext_block(impl, monkeypatch):
     tm = reference.randomize(CNBlock(32, 1e-6, 0.0), 3).eval()
-    jm = copy_from_torch(ConvNeXtBlock(32, 7, rngs=nnx.Rngs(0)), tm, CONVNEXT_RULES,
-                         "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
+    jm = from_torch(lambda rngs: ConvNeXtBlock(32, 7, rngs=rngs), tm, CONVNEXT_RULES,
+                    "backbone.0.1.0.", "backbone.stages.0.blocks.0.")
     from segface_jax.models import convnext
 
     monkeypatch.setattr(convnext, "depthwise_conv",
@@ -96,30 +98,30 @@ def test_convnext_block(impl, monkeypatch):
     x = _rand(2, 32, 11, 9)
     with torch.no_grad():
         ref = to_nhwc(tm(x))
-    assert rel_error(np.asarray(jm(to_nhwc(x))), ref) <= TOL
+    assert rel_error(run_jitted(jm, to_nhwc(x)), ref) <= TOL
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
 def test_sam_attention(downsample):
     tm = reference.randomize(SamAttention(64, 4, downsample), 4).eval()
-    jm = copy_from_torch(decoder.Attention(64, 4, downsample, rngs=nnx.Rngs(0)), tm,
-                         DECODER_RULES, "face_decoder.transformer.final_attn_token_to_image.",
-                         "face_decoder.transformer.final_attn_token_to_image.")
+    jm = from_torch(lambda rngs: decoder.Attention(64, 4, downsample, rngs=rngs), tm,
+                    DECODER_RULES, "face_decoder.transformer.final_attn_token_to_image.",
+                    "face_decoder.transformer.final_attn_token_to_image.")
     q, k, v = _rand(2, 5, 64, seed=1), _rand(2, 30, 64, seed=2), _rand(2, 30, 64, seed=3)
     with torch.no_grad():
         ref = tm(q, k, v).numpy()
-    assert rel_error(np.asarray(jm(q.numpy(), k.numpy(), v.numpy())), ref) <= TOL
+    assert rel_error(run_jitted(jm, q.numpy(), k.numpy(), v.numpy()), ref) <= TOL
 
 
 def test_two_way_transformer():
     tm = reference.randomize(SamTwoWay(depth=2, embedding_dim=64, num_heads=4, mlp_dim=128), 5)
-    jm = copy_from_torch(decoder.TwoWayTransformer(2, 64, 4, 128, rngs=nnx.Rngs(0)), tm.eval(),
-                         DECODER_RULES, "face_decoder.transformer.", "face_decoder.transformer.")
+    jm = from_torch(lambda rngs: decoder.TwoWayTransformer(2, 64, 4, 128, rngs=rngs), tm.eval(),
+                    DECODER_RULES, "face_decoder.transformer.", "face_decoder.transformer.")
     img, pe, tok = _rand(2, 64, 6, 5, seed=1), _rand(1, 64, 6, 5, seed=2), _rand(2, 7, 64, seed=3)
     with torch.no_grad():
         q_ref, k_ref = tm(img, pe, tok)
     flat = lambda t: t.flatten(2).transpose(1, 2).numpy()  # noqa: E731
-    q, k = jm(flat(img), flat(pe), tok.numpy())
+    q, k = nnx.jit(lambda m, *a: m(*a))(jm, flat(img), flat(pe), tok.numpy())
     assert rel_error(np.asarray(q), q_ref.numpy()) <= TOL
     assert rel_error(np.asarray(k), k_ref.numpy()) <= TOL
 
@@ -145,19 +147,19 @@ def test_fusion_equals_upstream_concatenate_then_fuse():
     swapped block order (deepest-first is upstream's) must fail."""
     dims = (24, 40, 112, 160)
     tm = reference.randomize(_TorchFusion(dims), 9).eval()
-    jm = copy_from_torch(decoder.MultiScaleFusion(dims, rngs=nnx.Rngs(0)), tm, DECODER_RULES,
-                         "", "fusion.")
+    jm = from_torch(lambda rngs: decoder.MultiScaleFusion(dims, rngs=rngs), tm, DECODER_RULES,
+                    "", "fusion.")
     feats = [_rand(2, d, s, s + 1, seed=i) for i, (d, s) in enumerate(zip(dims, (18, 9, 5, 3)))]
     with torch.no_grad():
         ref32 = to_nhwc(tm(feats))
         ref64 = to_nhwc(tm.double()([f.double() for f in feats]))
-    out = np.asarray(jm([to_nhwc(f) for f in feats]))
+    out = run_jitted(jm, [to_nhwc(f) for f in feats])
     ours, theirs = rel_error(out, ref64), rel_error(ref32, ref64)
     print(f"\nfusion vs float64: ours {ours:.1e}, torch float32 {theirs:.1e}")
     assert out.shape == (2, 18, 19, 256) and ours <= 2 * theirs + 2e-7
     kernel = jm.linear_fuse.kernel[...]
     jm.linear_fuse.kernel.set_value(jnp.concatenate(jnp.split(kernel, 4)[::-1]))
-    assert rel_error(np.asarray(jm([to_nhwc(f) for f in feats])), ref64) > 1e-2
+    assert rel_error(run_jitted(jm, [to_nhwc(f) for f in feats]), ref64) > 1e-2
 
 
 def test_conv_transpose_kernel_is_not_mirrored():
@@ -175,12 +177,12 @@ def test_conv_transpose_kernel_is_not_mirrored():
 def test_face_decoder_token_order_and_upscaling():
     names = ("background", "face", "hair")
     tm = reference.randomize(reference._FaceDecoder(names), 7).eval()
-    jm = copy_from_torch(decoder.FaceDecoder(names, rngs=nnx.Rngs(0)), tm, DECODER_RULES,
-                         "face_decoder.", "face_decoder.")
+    jm = from_torch(lambda rngs: decoder.FaceDecoder(names, rngs=rngs), tm, DECODER_RULES,
+                    "face_decoder.", "face_decoder.")
     img, pe = _rand(2, 256, 4, 6, seed=1), _rand(1, 256, 4, 6, seed=2)
     with torch.no_grad():
         ref = to_nhwc(tm(img, pe))
-    out = jm(to_nhwc(img), to_nhwc(pe)[0])
+    out = run_jitted(jm, to_nhwc(img), to_nhwc(pe)[0])
     assert out.shape == (2, 16, 24, 3)
     assert rel_error(np.asarray(out), ref) <= TOL
 
