@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import numpy as np
 import torch
 from flax import nnx
@@ -46,10 +47,10 @@ def from_torch(build: Callable[[nnx.Rngs], nnx.Module], torch_module: torch.nn.M
     return copy_from_torch(abstract(build), torch_module, rules, torch_prefix, jax_prefix)
 
 
-def run_jitted(module: nnx.Module, *inputs) -> np.ndarray:
+def run_jitted(module: nnx.Module, *inputs):
     """``module(*inputs)`` as one compiled program, as SegFace runs its blocks (eagerly, every
-    op compiles a program of its own)."""
-    return np.asarray(nnx.jit(lambda m, *a: m(*a))(module, *inputs))
+    op compiles a program of its own); its output (array or tuple of them) as numpy."""
+    return jax.tree.map(np.asarray, nnx.jit(lambda m, *a: m(*a))(module, *inputs))
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:

@@ -121,9 +121,9 @@ def test_two_way_transformer():
     with torch.no_grad():
         q_ref, k_ref = tm(img, pe, tok)
     flat = lambda t: t.flatten(2).transpose(1, 2).numpy()  # noqa: E731
-    q, k = nnx.jit(lambda m, *a: m(*a))(jm, flat(img), flat(pe), tok.numpy())
-    assert rel_error(np.asarray(q), q_ref.numpy()) <= TOL
-    assert rel_error(np.asarray(k), k_ref.numpy()) <= TOL
+    q, k = run_jitted(jm, flat(img), flat(pe), tok.numpy())
+    assert rel_error(q, q_ref.numpy()) <= TOL
+    assert rel_error(k, k_ref.numpy()) <= TOL
 
 
 class _TorchFusion(torch.nn.Module):
