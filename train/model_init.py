@@ -31,7 +31,7 @@ def build_model(cfg: TrainConfig, variant: Variant,
     from segface_jax.checkpoint import abstract_model, fill_module, flat_state, restore_params
 
     seg_cfg = SegFaceConfig.from_variant(variant)
-    dtype = None if cfg.dtype == "float32" else cfg.dtype
+    dtype = _compute_dtype(cfg)
     if cfg.init not in ("imagenet", "segface", "scratch"):
         raise TrainingError(f"init must be imagenet, segface or scratch, not {cfg.init!r}")
     if cfg.init != "scratch" and not cfg.init_path:
@@ -64,8 +64,12 @@ def model_structure(cfg: TrainConfig, variant: Variant) -> SegFace:
     resumed run restores its checkpoint into."""
     from segface_jax.checkpoint import abstract_model
 
-    dtype = None if cfg.dtype == "float32" else cfg.dtype
-    return abstract_model(SegFaceConfig.from_variant(variant), dtype)
+    return abstract_model(SegFaceConfig.from_variant(variant), _compute_dtype(cfg))
+
+
+def _compute_dtype(cfg: TrainConfig) -> str | None:
+    """The model's compute dtype argument: None for float32 (the parameters' own)."""
+    return None if cfg.dtype == "float32" else cfg.dtype
 
 
 def _checkpoint_model(path: str, variant: Variant) -> Variant:
