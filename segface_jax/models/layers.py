@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -266,18 +267,76 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.train_mode:
-            xf = x.astype(jnp.float32)
-            mean, var = xf.mean(axis=(0, 1, 2)), xf.var(axis=(0, 1, 2))
-            n = x.size // x.shape[-1]
-            m = self.momentum
-            self.mean.set_value((1 - m) * self.mean[...] + m * mean)
-            self.var.set_value((1 - m) * self.var[...] + m * var * n / max(n - 1, 1))
-        else:
-            mean, var = self.mean[...], self.var[...]
-        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
-        dt = self.dtype or x.dtype
-        return ((x - mean.astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)).astype(dt)
+        dt = jnp.dtype(self.dtype or x.dtype)
+        if not self.train_mode:
+            return _normalize(x, self.mean[...], self.var[...], self.scale[...], self.bias[...],
+                              self.eps, dt)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps, dt)
+        n = x.size // x.shape[-1]
+        m = self.momentum
+        self.mean.set_value((1 - m) * self.mean[...] + m * mean)
+        self.var.set_value((1 - m) * self.var[...] + m * var * n / max(n - 1, 1))
+        return y
+
+
+def _normalize(x: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray, scale: jnp.ndarray,
+               bias: jnp.ndarray, eps: float, dt: jnp.dtype) -> jnp.ndarray:
+    """BatchNorm's affine normalisation with given statistics, computed in ``dt``."""
+    inv = jax.lax.rsqrt(var + eps) * scale
+    return ((x - mean.astype(dt)) * inv.astype(dt) + bias.astype(dt)).astype(dt)
+
+
+def _accumulation(x: jnp.ndarray) -> jnp.dtype:
+    """The dtype batch statistics are computed in: float32, or x's own if wider."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _batch_stats(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-channel mean and biased variance of an NHWC batch, in float32 at least, over its
+    (-1, C) view (a 2-D column sum: XLA:CPU's sums over the leading axes of a 4-D array are
+    slower)."""
+    xf = x.astype(_accumulation(x)).reshape(-1, x.shape[-1])
+    mean = xf.mean(axis=0)
+    return mean, jnp.mean(jnp.square(xf - mean), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float,
+                     dt: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Training-mode BatchNorm: (output, batch mean, biased batch variance), with the closed-form
+    backward torch and cuDNN use.
+
+    Autodiff of the mean/variance formula makes several passes over the activations for the
+    statistics' gradients; the closed form needs one reduction pass (the sums of g and g x-hat)
+    and one elementwise pass: gx = scale / sigma (g - mean(g) - x-hat mean(g x-hat)), plus the
+    terms for cotangents of the returned statistics (zero in training: the running averages
+    take no gradient). A ResNet block's BatchNorm + ReLU at 128x128x256 on this CPU: forward +
+    backward 20 ms instead of 54 ms (torch 30 ms)."""
+    return _batch_norm_train_fwd(x, scale, bias, eps, dt)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, eps, dt):
+    mean, var = _batch_stats(x)
+    y = _normalize(x, mean, var, scale, bias, eps, dt)
+    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + eps), scale)
+
+
+def _batch_norm_train_bwd(eps, dt, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    g, g_mean, g_var = cotangents
+    c = x.shape[-1]
+    n = x.size // c
+    centred = x.astype(_accumulation(x)).reshape(-1, c) - mean
+    xhat = centred * inv
+    g = g.astype(centred.dtype).reshape(-1, c)
+    g_bias, g_scale = g.sum(axis=0), (g * xhat).sum(axis=0)
+    gx = (scale * inv) * (g - g_bias / n - xhat * (g_scale / n))
+    gx = gx + g_mean / n + centred * (2 * g_var / n)
+    return (gx.reshape(x.shape).astype(x.dtype), g_scale.astype(scale.dtype),
+            g_bias.astype(scale.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class ConvBNAct(nnx.Module):
