@@ -61,7 +61,7 @@ class Bottleneck(RematUnit, nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = jax.nn.relu(self.bn1(apply_conv(self.conv1, x)))
-        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = jax.nn.relu(self.bn2(apply_conv(self.conv2, y)))
         y = self.bn3(apply_conv(self.conv3, y))
         identity = (self.downsample_bn(apply_conv(self.downsample_conv, x)) if self.has_downsample
                     else x)
@@ -95,7 +95,7 @@ class ResNet(nnx.Module):
         self.layers = nnx.List(layers)
 
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
-        x = max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x))))
+        x = max_pool_3x3_s2(jax.nn.relu(self.bn1(apply_conv(self.conv1, x))))
         outs = []
         for blocks in self.layers:
             for block in blocks:
