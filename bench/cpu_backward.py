@@ -124,11 +124,6 @@ def _autodiff_batch_norm_train(x, scale, bias, eps, dt):
     return layers._normalize(x, mean, var, scale, bias, eps, dt), mean, var
 
 
-def _autodiff_conv(x, kernel, strides, padding):
-    """``layers._conv`` without its custom kernel gradient."""
-    return layers._lax_conv(x, kernel, strides, padding)
-
-
 def step_row(name: str, runs: int) -> str:
     """A variant's train step with the two backward passes and without, alternately."""
     import sys
@@ -157,8 +152,9 @@ def step_row(name: str, runs: int) -> str:
                                          needs_landmarks=v.needs_landmarks)
             kept = layers.batch_norm_train, layers._conv
             if kind == "autodiff":
+                # _lax_conv: the same convolution without the custom kernel gradient
                 layers.batch_norm_train, layers._conv = (_autodiff_batch_norm_train,
-                                                         _autodiff_conv)
+                                                         layers._lax_conv)
             try:
                 compiled = train.lower(state, batch).compile()
             finally:
