@@ -113,15 +113,14 @@ def _quick_compile(request, monkeypatch):
     9 s; the step then ran in 0.4-0.6 s each way. (At full optimization the older emitters
     save nothing: 54 s against 63 s for that step, 66 s against 35 s for the initialisation.)
     Full-size models keep every optimization and the default emitters: their programs run 60%
-    slower without. So does the 1-vs-8-devices step test (``quick_compile(False)``): at -O0
-    its two runs ended 1.65e-4 of a tensor's scale apart, against 1.5e-7 with optimizations.
+    slower without.
 
     These tests also put every program in the persistent cache, however quick to compile:
     the eager initialisation compiles one small program per parameter shape, the same in
     every training process a test starts. (Suite-wide, the many tiny programs of eager tests
     would cost more to write than to compile.)"""
     marker = request.node.get_closest_marker("quick_compile")
-    if marker is None or marker.args == (False,):  # quick_compile(False): every optimization
+    if marker is None:
         yield
         return
     flags = {"jax_disable_most_optimizations": True,

@@ -1,4 +1,5 @@
-"""Upstream's training loss: 0.5 * cross-entropy + 0.5 * Dice, computed in float32.
+"""Upstream's training loss: 0.5 * cross-entropy + 0.5 * Dice, computed in float32 (float64
+when the logits are).
 
 Cross-entropy is torch's ``CrossEntropyLoss(ignore_index=255)``: the mean over every labelled
 pixel (upstream's labels never hold 255, so it is upstream's plain mean there; a user's
@@ -15,13 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from segface_jax.models.layers import upcast
+
 DICE_SMOOTH = 1e-5
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     """Mean over labelled pixels (label < C; 255 is ignored) of -log softmax(logits)[label];
     (N, H, W, C), (N, H, W) -> ()."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(upcast(logits), axis=-1)
     valid = labels < logits.shape[-1]
     index = jnp.where(valid, labels, 0)[..., None].astype(jnp.int32)
     picked = jnp.take_along_axis(logp, index, axis=-1)[..., 0]
@@ -38,9 +41,9 @@ def dice_loss(logits: jnp.ndarray, labels: jnp.ndarray, group: int | None = None
     if n % group:
         raise ValueError(f"batch {n} is not a multiple of the Dice group size {group}")
     groups = n // group
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p = jax.nn.softmax(upcast(logits), axis=-1)
     p = jnp.where((labels < c)[..., None], p, 0.0)  # ignored pixels (255) count nowhere
-    t = jax.nn.one_hot(labels, c, dtype=jnp.float32)  # all zeros at 255
+    t = jax.nn.one_hot(labels, c, dtype=p.dtype)  # all zeros at 255
 
     def per_group(x: jnp.ndarray) -> jnp.ndarray:  # (N, H, W, C) -> (groups, C) sums
         x = x.reshape(groups, -1, c)

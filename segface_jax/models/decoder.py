@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from segface_jax.models.layers import Buffer, Dtype, gelu, layer_norm, linear, resize_bilinear
+from segface_jax.models.layers import (
+    Buffer,
+    Dtype,
+    gelu,
+    layer_norm,
+    linear,
+    resize_bilinear,
+    upcast,
+)
 
 DIM = 256  # decoder width of every released model
 
@@ -85,7 +93,7 @@ class Attention(nnx.Module):
             return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
-        logits = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        logits = upcast(jnp.einsum("bhnd,bhmd->bhnm", q, k)) / math.sqrt(q.shape[-1])
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhnm,bhmd->bnhd", attn, v)
         return self.out_proj(out.reshape(*out.shape[:2], -1))

@@ -156,10 +156,10 @@ def _depthwise_slices_bwd(residuals: tuple[jnp.ndarray, jnp.ndarray],
     The input gradient is the same shifted sum of ``g`` with the kernel flipped, one fused
     loop. The kernel gradient, dK[i, j, c] = sum over b, h, w of xpad[b, h + i, w + j, c] *
     g[b, h, w, c], is one batched contraction (channel-major) of k row-shifted copies of the
-    padded input with k column-shifted copies of ``g`` over each image row (w), in float32,
-    then a sum over the rows: autodiff's k*k full-image reductions take 2.4x as long at
-    ConvNeXt's 7x7 shapes (bench/depthwise.py). Summing per row first keeps the rounding far
-    below torch's own (tests/test_platform_kernels.py checks it against float64).
+    padded input with k column-shifted copies of ``g`` over each image row (w), in float32 (or
+    wider), then a sum over the rows: autodiff's k*k full-image reductions take 2.4x as long
+    at ConvNeXt's 7x7 shapes (bench/depthwise.py). Summing per row first keeps the rounding
+    far below torch's own (tests/test_platform_kernels.py checks it against float64).
     """
     x, kernel = residuals
     k = kernel.shape[0]
@@ -172,7 +172,8 @@ def _depthwise_slices_bwd(residuals: tuple[jnp.ndarray, jnp.ndarray],
     rows = jnp.stack([xp[:, :, i:i + h] for i in range(k)], axis=2)  # (b, c, k, h, w + 2p)
     cols = jnp.stack([gp[..., 2 * p - j:2 * p - j + w + 2 * p] for j in range(k)],
                      axis=2)  # (b, c, k, h, w + 2p): g shifted right by j
-    per_row = jnp.einsum("bcihw,bcjhw->bchij", rows, cols, preferred_element_type=jnp.float32)
+    per_row = jnp.einsum("bcihw,bcjhw->bchij", rows, cols,
+                         preferred_element_type=accumulation_dtype(x))
     return dx, per_row.sum(axis=(0, 2)).transpose(1, 2, 0).astype(kernel.dtype)
 
 
@@ -253,7 +254,7 @@ def _conv_kernel_grad(x: jnp.ndarray, g: jnp.ndarray, kernel: jnp.ndarray,
                       strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
                       ) -> jnp.ndarray:
     """dK[i, j] = sum over b, h, w of xpad[b, i + s h, j + s w]^T g[b, h, w]: one (Cin, N) by
-    (N, Cout) matmul per tap, accumulated in float32.
+    (N, Cout) matmul per tap, accumulated in float32 (or wider).
 
     XLA:CPU computes a convolution's kernel gradient as a convolution whose window is the
     whole image; these matmuls take up to 3.3x less time at most of ResNet-101's and
@@ -268,8 +269,9 @@ def _conv_kernel_grad(x: jnp.ndarray, g: jnp.ndarray, kernel: jnp.ndarray,
     taps = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
                           (1, sh, sw, 1)).reshape(-1, cin)
             for i in range(kh) for j in range(kw)]
+    wide = accumulation_dtype(x)
     dk = jnp.stack([jax.lax.dot_general(t, g2, (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32) for t in taps])
+                                        preferred_element_type=wide) for t in taps])
     return dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -357,16 +359,22 @@ def _normalize(x: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray, scale: jnp.n
     return ((x - mean.astype(dt)) * inv.astype(dt) + bias.astype(dt)).astype(dt)
 
 
-def _accumulation(x: jnp.ndarray) -> jnp.dtype:
-    """The dtype batch statistics are computed in: float32, or x's own if wider."""
+def accumulation_dtype(x: jnp.ndarray) -> jnp.dtype:
+    """The dtype sums, softmaxes and statistics are computed in: float32, or x's own if wider
+    (bfloat16 compute accumulates in float32; a float64 run stays float64 throughout)."""
     return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def upcast(x: jnp.ndarray) -> jnp.ndarray:
+    """``x`` in ``accumulation_dtype(x)``."""
+    return x.astype(accumulation_dtype(x))
 
 
 def _batch_stats(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per-channel mean and biased variance of an NHWC batch, in float32 at least, over its
     (-1, C) view (a 2-D column sum: XLA:CPU's sums over the leading axes of a 4-D array are
     slower)."""
-    xf = x.astype(_accumulation(x)).reshape(-1, x.shape[-1])
+    xf = upcast(x).reshape(-1, x.shape[-1])
     mean = xf.mean(axis=0)
     return mean, jnp.mean(jnp.square(xf - mean), axis=0)
 
@@ -397,7 +405,7 @@ def _batch_norm_train_bwd(eps, dt, residuals, cotangents):
     g, g_mean, g_var = cotangents
     c = x.shape[-1]
     n = x.size // c
-    centred = x.astype(_accumulation(x)).reshape(-1, c) - mean
+    centred = upcast(x).reshape(-1, c) - mean
     xhat = centred * inv
     g = g.astype(centred.dtype).reshape(-1, c)
     g_bias, g_scale = g.sum(axis=0), (g * xhat).sum(axis=0)

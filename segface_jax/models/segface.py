@@ -11,7 +11,7 @@ from segface_jax import align
 from segface_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from segface_jax.models.decoder import FaceDecoder, MultiScaleFusion, PositionEmbeddingRandom
 from segface_jax.models.efficientnet_v2 import EfficientNetV2, EfficientNetV2Config
-from segface_jax.models.layers import Dtype, remat_call
+from segface_jax.models.layers import Dtype, remat_call, upcast
 from segface_jax.models.mobilenet_v3 import MobileNetV3, MobileNetV3Config
 from segface_jax.models.resnet import ResNet, ResNetConfig
 from segface_jax.models.swin import SwinConfig, SwinTransformer
@@ -82,7 +82,7 @@ class SegFace(nnx.Module):
         x = images.astype(self.dtype) if self.dtype else images
         fused = self.fusion(remat_call(self.backbone, x))
         logits = self.face_decoder(fused, self.pe_layer(*fused.shape[1:3]))
-        return logits.astype(jnp.float32)
+        return upcast(logits)
 
     def __call__(self, images: jnp.ndarray, landmarks: jnp.ndarray | None = None) -> jnp.ndarray:
         """Logits for a batch; LaPa models warp with (B, 5, 2) pixel landmarks around ``parse``."""
@@ -90,5 +90,5 @@ class SegFace(nnx.Module):
             return self.parse(images)
         if landmarks is None:
             raise ValueError("this model aligns faces: pass landmarks of shape (N, 5, 2)")
-        warped, matrix = align.align_faces(images.astype(jnp.float32), landmarks)
+        warped, matrix = align.align_faces(upcast(images), landmarks)
         return align.unalign_logits(self.parse(warped), matrix, images.shape[1:3])

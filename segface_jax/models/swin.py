@@ -26,6 +26,7 @@ from segface_jax.models.layers import (
     patchify_conv,
     remat_call,
     stochastic_depth,
+    upcast,
 )
 
 _MASKED = -100.0  # torchvision's additive mask value for tokens from different shifted regions
@@ -167,7 +168,7 @@ class WindowAttention(nnx.Module):
             table = self.relative_position_bias_table[...]
         else:
             coords = jnp.asarray(relative_coords_table(self.window_size))
-            table = self.cpb_fc2(jax.nn.relu(self.cpb_fc1(coords))).astype(jnp.float32)
+            table = upcast(self.cpb_fc2(jax.nn.relu(self.cpb_fc1(coords))))
         bias = table[relative_position_index(self.window_size)].reshape(n, n, self.num_heads)
         bias = bias.transpose(2, 0, 1)
         return bias if self.version == 1 else 16.0 * jax.nn.sigmoid(bias)
@@ -185,13 +186,13 @@ class WindowAttention(nnx.Module):
         qkv = qkv.reshape(bw, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
         if self.version == 1:
             q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
-            attn = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+            attn = upcast(jnp.einsum("bhnd,bhmd->bhnm", q, k))
         else:
             q, k, v = _l2_normalize(qkv[0]), _l2_normalize(qkv[1]), qkv[2]
-            attn = jnp.einsum("bhnd,bhmd->bhnm", q, k).astype(jnp.float32)
+            attn = upcast(jnp.einsum("bhnd,bhmd->bhnm", q, k))
             scale = jnp.exp(jnp.minimum(self.logit_scale[...], math.log(100.0)))
-            attn = attn * scale[:, None, None].astype(jnp.float32)
-        attn = attn + self.position_bias().astype(jnp.float32)
+            attn = attn * scale[:, None, None].astype(attn.dtype)
+        attn = attn + self.position_bias().astype(attn.dtype)
         if mask is not None:
             nw = mask.shape[0]
             attn = attn.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
@@ -209,7 +210,7 @@ def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
     never sees a 0 (the double ``where``): the values are the plain formula's, bit for bit,
     and at x = 0 the gradient is x's own path, 1 / eps, as torch's.
     """
-    sq = jnp.sum(x.astype(jnp.float32) ** 2, axis=-1, keepdims=True)
+    sq = jnp.sum(upcast(x) ** 2, axis=-1, keepdims=True)
     nonzero = sq > 0
     norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
     return (x / jnp.maximum(norm, eps)).astype(x.dtype)
