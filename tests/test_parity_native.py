@@ -34,7 +34,6 @@ torch float32 7.4e-05 / 5.1e-05 / 1.1e-04 / 1.1e-04; ours vs float64 4.5e-05 / 2
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import numpy as np
@@ -114,10 +113,12 @@ def test_lapa_full_model_parity_with_landmarks(name):
     ref_model = release.reference_model("swin_lapa")
     x, lm = _inputs(model.resolution)
     ref32 = run_torch(ref_model, x, lm)
-    ref64 = run_torch(copy.deepcopy(ref_model).double(), x.astype(np.float64),
-                      lm.astype(np.float64))
-    noise = compare(ref32, ref64)
     ours = np.asarray(model(x, landmarks=lm))
+    try:  # in place, not a copy: 0.4 GB less at this test's peak; float32 -> 64 -> 32 is exact
+        ref64 = run_torch(ref_model.double(), x.astype(np.float64), lm.astype(np.float64))
+    finally:
+        ref_model.float()
+    noise = compare(ref32, ref64)
     result = compare(ours, ref32)
     _report(name, "torch float32 vs float64 (the reference's own noise)", noise)
     _report(name, "full model vs torch float32", result)
