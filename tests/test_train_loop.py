@@ -457,10 +457,10 @@ def test_processes_share_the_global_batch_and_resume_on_another_count(tmp_path, 
     the reductions run in another order, and this tiny model's ReLUs in the decoder turn that
     rounding into 5e-7 absolute differences in one tiny-scale bias after 2 steps, 4.5e-4 of its
     scale: test_same_step_on_one_and_eight_devices checks that case in float64, where no ReLU
-    input is within rounding of its kink.) Adam's eps is 1e-3 for the reason given there. Integer leaves and data positions
-    must be equal. Wrong or repeated rows, other stochastic-depth draws, a lost optimizer state
-    or a data position that restarts the epoch move the state by far more (an update is ~lr
-    per step).
+    input is within rounding of its kink.) Adam's eps is 1e-3 for the reason given there.
+    Integer leaves and data positions must be equal. Wrong or repeated rows, other
+    stochastic-depth draws, a lost optimizer state or a data position that restarts the epoch
+    move the state by far more (an update is ~lr per step).
     """
     config, bound = _config(tmp_path, lapa_root, 4), 1e-6
     eps = ("--set", "adam_eps=0.001")

@@ -14,6 +14,7 @@ from flax import nnx
 from segface_jax.models.layers import (
     Buffer,
     Dtype,
+    accumulation_dtype,
     gelu,
     layer_norm,
     linear,
@@ -68,9 +69,11 @@ class PositionEmbeddingRandom(nnx.Module):
 
     def __call__(self, h: int, w: int) -> jnp.ndarray:
         """(h, w, 2 * num_feats) encoding of the pixel centres of an h x w grid."""
+        matrix = self.positional_encoding_gaussian_matrix[...]
         yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-        coords = 2.0 * np.stack([xx, yy], axis=-1).astype(np.float32) - 1.0
-        proj = 2.0 * math.pi * (jnp.asarray(coords) @ self.positional_encoding_gaussian_matrix[...])
+        # the pixel grid in the matrix's precision (float32 at least), as SAM builds it
+        coords = 2.0 * np.stack([xx, yy], axis=-1).astype(accumulation_dtype(matrix)) - 1.0
+        proj = 2.0 * math.pi * (jnp.asarray(coords) @ matrix)
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 

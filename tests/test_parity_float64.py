@@ -1,0 +1,81 @@
+"""Every encoder family's small SegFace in float64 against the PyTorch reference in float64.
+
+The float32 parity bars (1e-6 to 2e-5 of the logits' scale) are set by the two frameworks'
+different rounding, so they cannot see a difference in the arithmetic that is smaller than that
+rounding. In float64 the rounding falls to ~1e-16 and the bar to 1e-12: any constant, epsilon,
+order of operations that is not a reassociation, or formula that differs from upstream's shows.
+Measured (72 px, batch 2, every parameter and buffer random; float64 input): 2.8e-15 to 3.9e-15
+for five families, 1.2e-14 for SwinV2 (its cosine attention scales logits by up to 100). Before
+the random-Fourier positions' pixel grid followed the gaussian matrix's dtype, every family
+stood at 6e-8 to 3e-7: that grid was rounded to float32 whatever the model's dtype. The weights
+are float32 values (randomised in float32, then widened), so loading them through the model's
+float32 variables and widening those is exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from segface_jax.checkpoint import abstract_model, fill_module
+from segface_jax.convert import reference
+from segface_jax.convert.converter import convert_state_dict
+from segface_jax.models import SegFaceConfig
+from segface_jax.models.swin import relative_coords_table
+from segface_jax.variants import get_variant
+from tests import small_models
+
+pytestmark = pytest.mark.quick_compile  # small models (tests/conftest.py)
+
+BAR = 1e-12
+
+
+def _swinv2_tables_shared(ref: torch.nn.Module) -> int:
+    """Give the reference's SwinV2 attention layers our log-spaced coordinate table.
+
+    Both are float32 tables (torchvision's a buffer computed in float32 at construction, ours
+    computed in float64 and rounded once), so they may differ by an ulp, which float64 logits
+    show at ~3e-7. The tables themselves must agree within float32 rounding; then the rest of
+    the computation is compared on equal constants. Returns how many tables were replaced.
+    """
+    replaced = 0
+    for module in ref.modules():
+        table = getattr(module, "relative_coords_table", None)
+        if table is None:
+            continue
+        ws = module.window_size[0]
+        ours = torch.from_numpy(relative_coords_table(ws)).reshape(table.shape)
+        torch.testing.assert_close(table.float(), ours, rtol=2 ** -23, atol=0)
+        table.copy_(ours.to(table.dtype))
+        replaced += 1
+    return replaced
+
+
+@pytest.mark.parametrize("family", list(small_models.FAMILY_VARIANT))
+def test_float64_logits_match_torch_float64(family):
+    v = get_variant(small_models.FAMILY_VARIANT[family])
+    torch.manual_seed(0)
+    ref = reference.randomize(small_models.torch_reference(v, family), 0)
+    ref = small_models.no_stochastic_depth(ref).eval().double()
+    if family == "swin_v2_b":
+        assert _swinv2_tables_shared(ref) == 8  # two blocks a stage
+    cfg = SegFaceConfig(v.backbone, v.classes, False, small_models.jax_config(family))
+    x = np.random.default_rng(0).normal(size=(2, 72, 72, 3))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), None).permute(0, 2, 3, 1).numpy()
+
+    with jax.enable_x64(True):
+        params = convert_state_dict({k: t.numpy() for k, t in ref.state_dict().items()}, v,
+                                    cfg)[0]
+        model = fill_module(abstract_model(cfg), params)  # float32 variables
+        nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64)
+                                       if a.dtype == jnp.float32 else a, nnx.state(model)))
+        got = nnx.jit(lambda m, a: m(a, None))(model, jnp.asarray(x))
+        assert got.dtype == jnp.float64
+    rel = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+    print(f"\n{family}: float64 logits {rel:.1e} of their scale from torch's")
+    assert rel <= BAR
