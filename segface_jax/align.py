@@ -65,8 +65,8 @@ def invert_similarity(matrix: jnp.ndarray) -> jnp.ndarray:
 
 def face_align_matrix(landmarks: jnp.ndarray, resolution: int) -> jnp.ndarray:
     """Matrix taking (B, 5, 2) pixel landmarks onto the standard points of an R x R crop."""
-    target = (jnp.asarray(STANDARD_FACE_POINTS) + 1.0) * (resolution - 1) / 2.0
-    target = jnp.broadcast_to(target, landmarks.shape).astype(landmarks.dtype)
+    target = (jnp.asarray(STANDARD_FACE_POINTS, landmarks.dtype) + 1.0) * (resolution - 1) / 2.0
+    target = jnp.broadcast_to(target, landmarks.shape)
     return similarity_matrix(landmarks, target)
 
 
@@ -109,11 +109,11 @@ def warp_grid(matrix: jnp.ndarray, warped_hw: tuple[int, int], orig_hw: tuple[in
     (B, 3, 3) -> (B, h_warped, w_warped, 2) in grid_sample's normalised (x, y) units.
     """
     h, w = warped_hw
-    wh = jnp.array([w, h], jnp.float32)
-    c = jnp.asarray(_pixel_coords(h, w))[None] / wh * 2.0 - 1.0
+    wh = jnp.array([w, h], matrix.dtype)
+    c = jnp.asarray(_pixel_coords(h, w), matrix.dtype)[None] / wh * 2.0 - 1.0
     c = (_tanh_unsquash(c, factor) + 1.0) / 2.0 * wh
     orig = _apply(invert_similarity(matrix), c)
-    orig_wh = jnp.array([orig_hw[1], orig_hw[0]], jnp.float32)
+    orig_wh = jnp.array([orig_hw[1], orig_hw[0]], matrix.dtype)
     return (orig / orig_wh * 2.0 - 1.0).reshape(matrix.shape[0], h, w, 2)
 
 
@@ -124,8 +124,8 @@ def inverse_warp_grid(matrix: jnp.ndarray, warped_hw: tuple[int, int], orig_hw: 
     (B, 3, 3) -> (B, h_orig, w_orig, 2) in grid_sample's normalised (x, y) units.
     """
     h, w = warped_hw
-    wh = jnp.array([w, h], jnp.float32)
-    c = _apply(matrix, jnp.asarray(_pixel_coords(*orig_hw))[None])
+    wh = jnp.array([w, h], matrix.dtype)
+    c = _apply(matrix, jnp.asarray(_pixel_coords(*orig_hw), matrix.dtype)[None])
     c = (_tanh_squash(c / wh * 2.0 - 1.0, factor) + 1.0) / 2.0 * wh
     return (c / wh * 2.0 - 1.0).reshape(matrix.shape[0], *orig_hw, 2)
 
@@ -160,7 +160,9 @@ def grid_sample(image: jnp.ndarray, grid: jnp.ndarray) -> jnp.ndarray:
 def align_faces(images: jnp.ndarray, landmarks: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Warp (B, R, R, C) images to the aligned crop; returns the images and the align matrices."""
     res = images.shape[1]
-    matrix = face_align_matrix(landmarks.astype(jnp.float32), res)
+    # float32, or the images' precision if wider (SegFace passes them in float32 at least)
+    matrix = face_align_matrix(landmarks.astype(jnp.promote_types(images.dtype, jnp.float32)),
+                               res)
     grid = warp_grid(matrix, (res, res), images.shape[1:3])
     return grid_sample(images, grid), matrix
 
