@@ -64,7 +64,8 @@ class SegFaceConfig:
 
 
 class SegFace(nnx.Module):
-    """SegFace face parser: (B, R, R, 3) normalised RGB -> (B, R, R, classes) float32 logits."""
+    """SegFace face parser: (B, R, R, 3) normalised RGB -> (B, R, R, classes) float32 logits
+    (float64 under ``jax.enable_x64`` with float64 inputs and weights)."""
 
     def __init__(self, cfg: SegFaceConfig, *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -78,7 +79,8 @@ class SegFace(nnx.Module):
         self.face_decoder = FaceDecoder(cfg.class_names, **kw)
 
     def parse(self, images: jnp.ndarray) -> jnp.ndarray:
-        """The network without alignment: (B, R, R, 3) -> (B, R, R, classes) float32 logits."""
+        """The network without alignment: (B, R, R, 3) -> (B, R, R, classes) logits in float32
+        or wider."""
         x = images.astype(self.dtype) if self.dtype else images
         fused = self.fusion(remat_call(self.backbone, x))
         logits = self.face_decoder(fused, self.pe_layer(*fused.shape[1:3]))
