@@ -53,6 +53,11 @@ def run_jitted(module: nnx.Module, *inputs):
     return jax.tree.map(np.asarray, nnx.jit(lambda m, *a: m(*a))(module, *inputs))
 
 
+def widened(tree):
+    """``tree`` with its float32 leaves in float64 (for runs under ``jax.enable_x64``)."""
+    return jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, tree)
+
+
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref|."""
     return float(np.abs(a - ref).max() / np.abs(ref).max())

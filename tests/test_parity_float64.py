@@ -30,6 +30,7 @@ from segface_jax.models import SegFaceConfig
 from segface_jax.models.swin import relative_coords_table
 from segface_jax.variants import get_variant
 from tests import small_models
+from tests.helpers import rel_error, widened
 
 pytestmark = pytest.mark.quick_compile  # small models (tests/conftest.py)
 
@@ -78,20 +79,15 @@ def _float64_logits(variant: str, family: str, landmarks: np.ndarray | None = No
         params = convert_state_dict({k: t.numpy() for k, t in ref.state_dict().items()}, v,
                                     cfg)[0]
         model = fill_module(abstract_model(cfg), params)  # float32 variables
-        nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64)
-                                       if a.dtype == jnp.float32 else a, nnx.state(model)))
+        nnx.update(model, widened(nnx.state(model)))
         got = nnx.jit(lambda m, a, lm: m(a, lm))(model, jnp.asarray(x), landmarks)
         assert got.dtype == jnp.float64
     return np.asarray(got), want
 
 
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
 @pytest.mark.parametrize("family", list(small_models.FAMILY_VARIANT))
 def test_float64_logits_match_torch_float64(family):
-    rel = _rel(*_float64_logits(small_models.FAMILY_VARIANT[family], family))
+    rel = rel_error(*_float64_logits(small_models.FAMILY_VARIANT[family], family))
     print(f"\n{family}: float64 logits {rel:.1e} of their scale from torch's")
     assert rel <= BAR
 
@@ -106,6 +102,6 @@ def test_lapa_float64_alignment_and_logits_match_torch_float64():
     rng = np.random.default_rng(1)
     lm = align.standard_landmarks(72)[None].astype(np.float64) + rng.normal(scale=3.0,
                                                                             size=(2, 5, 2))
-    rel = _rel(*_float64_logits("swinb_lapa_224", "swin_b", lm))
+    rel = rel_error(*_float64_logits("swinb_lapa_224", "swin_b", lm))
     print(f"\nLaPa: float64 logits after the inverse warp {rel:.1e} of their scale from torch's")
     assert rel <= 1e-11

@@ -22,7 +22,7 @@ from segface_jax.models.layers import set_training
 from segface_jax.models.swin import SwinConfig
 from segface_jax.train import losses, optim, step
 from segface_jax.variants import get_variant
-from tests.helpers import torch_segface_loss
+from tests.helpers import torch_segface_loss, widened
 
 # see README, "Tests": the fast tier leaves this file out; every model here is small
 pytestmark = [pytest.mark.slow, pytest.mark.quick_compile]
@@ -165,8 +165,7 @@ def test_same_step_on_one_and_eight_devices():
                                  axis_types=(jax.sharding.AxisType.Auto,))
             tx = optim.adamw(lr, 1e-5, eps=1e-3)
             graphdef, state = step.init_state(model, tx, mesh=mesh)
-            state = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32
-                                 else a, state)
+            state = widened(state)
             train = step.make_train_step(graphdef, tx, mesh, dice_group=4,
                                          needs_landmarks=False)
             seen = []
