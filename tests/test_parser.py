@@ -232,6 +232,7 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
     pinned = FaceParser.from_pretrained("swinb_celeba_224", revision="b" * 40,
                                         compilation_cache=False)
     assert pinned.model.metadata["source"]["sha256"] == files.sha256_file(other)
+    del parser, pinned  # ~400 MB of weights each
 
     def entries() -> list[str]:  # the converted checkpoints (each also has a hidden .lock)
         return [n for n in os.listdir(tmp_path / "cache" / "converted") if not n.startswith(".")]
@@ -245,6 +246,7 @@ def test_from_pretrained_uses_the_hub_cache_and_converts_once(tmp_path, monkeypa
     capsys.readouterr()
     again = FaceParser.from_pretrained("swinb_celeba_224", compilation_cache=False)
     assert again.model.metadata["source"]["sha256"] == digest
+    del again
     # the same file given by path hits the same cache entry
     FaceParser.from_pretrained("swinb_celeba_224", weights=release.release_file("swin_celeba"),
                                compilation_cache=False)
