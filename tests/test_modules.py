@@ -29,7 +29,7 @@ from torchvision.models.swin_transformer import SwinTransformerBlock
 from segface_jax import align
 from segface_jax.convert import reference
 from segface_jax.convert.rules import CONVNEXT_RULES, DECODER_RULES, SWIN_RULES, conv_transpose
-from segface_jax.models import decoder, swin
+from segface_jax.models import decoder, layers, swin
 from segface_jax.models.convnext import ConvNeXtBlock
 from segface_jax.models.layers import depthwise_conv, resize_bilinear
 from tests.helpers import from_torch, rel_error, run_jitted, to_nhwc
@@ -111,6 +111,22 @@ def test_sam_attention(downsample):
     with torch.no_grad():
         ref = tm(q, k, v).numpy()
     assert rel_error(run_jitted(jm, q.numpy(), k.numpy(), v.numpy()), ref) <= TOL
+
+
+def test_softmax_is_jaxs_forward_with_torchs_gradient():
+    """``layers.softmax``: the forward pass bit for bit ``jax.nn.softmax``'s; the gradient
+    within TOL of torch's softmax backward in float64 (a sum over 19 classes of products of
+    values in [0, 1]: float32 rounding ~1e-7), on logits spread like attention logits."""
+    x64 = _rand(3, 50, 19, seed=4).double() * 4
+    g64 = _rand(3, 50, 19, seed=5).double()
+    xt = x64.clone().requires_grad_()
+    torch.softmax(xt, -1).backward(g64)
+    x = jnp.asarray(x64.numpy(), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(layers.softmax)(x)),
+                                  np.asarray(jax.jit(jax.nn.softmax)(x)))
+    grad = jax.jit(jax.grad(lambda x: jnp.vdot(layers.softmax(x), jnp.asarray(g64.numpy(),
+                                                                               x.dtype))))(x)
+    assert rel_error(np.asarray(grad), xt.grad.numpy()) <= TOL
 
 
 def test_two_way_transformer():

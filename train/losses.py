@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from segface_jax.models.layers import upcast
+from segface_jax.models.layers import softmax, upcast
 
 DICE_SMOOTH = 1e-5
 
@@ -41,7 +41,7 @@ def dice_loss(logits: jnp.ndarray, labels: jnp.ndarray, group: int | None = None
     if n % group:
         raise ValueError(f"batch {n} is not a multiple of the Dice group size {group}")
     groups = n // group
-    p = jax.nn.softmax(upcast(logits), axis=-1)
+    p = softmax(upcast(logits), axis=-1)
     p = jnp.where((labels < c)[..., None], p, 0.0)  # ignored pixels (255) count nowhere
     t = jax.nn.one_hot(labels, c, dtype=p.dtype)  # all zeros at 255
 

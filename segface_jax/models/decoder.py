@@ -19,6 +19,7 @@ from segface_jax.models.layers import (
     layer_norm,
     linear,
     resize_bilinear,
+    softmax,
     upcast,
 )
 
@@ -97,7 +98,7 @@ class Attention(nnx.Module):
 
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
         logits = upcast(jnp.einsum("bhnd,bhmd->bhnm", q, k)) / math.sqrt(q.shape[-1])
-        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        attn = softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhnm,bhmd->bnhd", attn, v)
         return self.out_proj(out.reshape(*out.shape[:2], -1))
 

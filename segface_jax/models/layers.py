@@ -63,11 +63,39 @@ def layer_norm(dim: int, eps: float, dtype: Dtype, param_dtype: Dtype,
     return LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` over the rows of the input's (-1, C) view, for the same reason as
+    ``LayerNorm``: the bias gradient becomes a sum over axis 0 of a 2-D array instead of a sum
+    over the middle axis of (1, N, C), which XLA:CPU runs several times slower at batch 1."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def linear(din: int, dout: int, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
-           use_bias: bool = True) -> nnx.Linear:
+           use_bias: bool = True) -> Linear:
     """Dense layer over the last axis (torch ``nn.Linear``; kernel is the transposed weight)."""
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
+    return Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def softmax(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+    """Softmax whose derivative is torch's closed form, y * (dx - sum(y * dx)).
+
+    The forward pass computes what ``jax.nn.softmax`` does. Its derivative, unless JAX's
+    ``jax_softmax_custom_jvp`` option is on (off by default in JAX 0.10), is autodiff of
+    exp / sum, which XLA:CPU runs as several slow fused reductions over the short class or
+    window axis; this one is a single sum."""
+    unnormalized = jnp.exp(x - x.max(axis, keepdims=True))
+    return unnormalized / unnormalized.sum(axis, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple:
+    (x,), (dx,) = primals, tangents
+    y = softmax(x, axis)
+    return y, y * (dx - (y * dx).sum(axis, keepdims=True))
 
 
 def patchify_conv(din: int, dout: int, patch: int, dtype: Dtype, param_dtype: Dtype,

@@ -25,6 +25,7 @@ from segface_jax.models.layers import (
     linear,
     patchify_conv,
     remat_call,
+    softmax,
     stochastic_depth,
     upcast,
 )
@@ -197,7 +198,7 @@ class WindowAttention(nnx.Module):
             nw = mask.shape[0]
             attn = attn.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
             attn = attn.reshape(bw, self.num_heads, n, n)
-        attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
+        attn = softmax(attn, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhnm,bhmd->bnhd", attn, v).reshape(bw, n, c)
         return self.proj(out)
 
