@@ -47,7 +47,7 @@ def _kind(opcode: str, library: bool, primitive: str) -> str:
     return "elementwise" if not library else "library fusion"
 
 
-def _name_module_scopes() -> None:
+def name_module_scopes() -> None:
     """Wrap every model class's ``__call__`` in ``jax.named_scope("segface.<Class>")``, so each
     compiled op's ``op_name`` says which module emitted it."""
     import functools
@@ -93,7 +93,7 @@ def worker_jax(variant: str, batch: int) -> dict:
     from segface_jax.train import optim, step
     from segface_jax.variants import get_variant
 
-    _name_module_scopes()
+    name_module_scopes()
     v = get_variant(variant)
     model = SegFace(SegFaceConfig.from_variant(v), rngs=nnx.Rngs(0))
     tx = optim.adamw(1e-4, 1e-5)

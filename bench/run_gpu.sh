@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (its image has JAX, Flax, Orbax, optax, torch and
 # torchvision): installs this repo and segment-anything (carried as a wheel in .gpu/) without
-# dependencies, then writes into $OUT, most important first, each section under a share of
-# BUDGET_S seconds so that whatever finished comes back:
-#   env.txt               device, driver, versions
-#   parity_gpu.txt        JAX on the GPU (matmul precision highest) against torch, seeded weights
-#   bench_train_gpu.txt   the training step, JAX vs torch eager vs torch.compile, bf16 and float32
-#   bench_memory_gpu.txt  per-device memory of the step (XLA's analysis and both measured peaks)
-#   bench_gpu.txt         forward pass, JAX vs torch eager
+# dependencies, then runs three lanes side by side within BUDGET_S seconds, writing into $OUT:
+#   env.txt          device, driver, versions
+#   lane_jax.txt     JAX training steps (bench/train_step.py): Swin-B 512 bfloat16 with a
+#                    profiler trace (jax_trace.json.gz, jax_hlo.txt.gz), then float32, then
+#                    MobileNetV3 512
+#   lane_torch.txt   the same steps in torch eager (with torch_profile.txt) and torch.compile
+#   memory.txt       XLA's memory analysis of the Swin-B 512 step per device batch, remat and
+#                    dtype (bench/memory.py; compiled with autotuning off, nothing executed)
+# Steps (and JAX's compilation, whose autotuning times kernels on the device) are timed under
+# one file lock, so no two lanes time at once; compilation of the other lanes still runs.
+# Read the profile here, at no device time: python bench/profile_step.py --from-dir OUT.
 # Before the call, here: echo /.gpu/ >> .git/info/exclude; python3 -m pip download --no-deps
 # segment-anything==1.0 -d .gpu; then device run "bash bench/run_gpu.sh" with carry [".gpu"].
 # MFU is against the H200's dense peak (NVIDIA datasheet: bf16 989.4 TFLOP/s; float32 runs as
@@ -16,7 +20,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SEGFACE_BENCH_DEVICE_LOCK=/tmp/segface-device.lock
 START=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # run SECONDS_AT_MOST FILE COMMAND...: append COMMAND's output to FILE, cut at the budget
@@ -34,28 +38,39 @@ run() {
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 'torch', torch.__version__, 'torchvision', tv.__version__, jax.devices())"
   lscpu | grep -E 'Model name|^CPU\(s\)'
+  CKPT=/tmp/segface-gpu-ckpt
+  mkdir -p $CKPT
+  # the seeded checkpoints, once, before the lanes share them
+  JAX_PLATFORMS=cpu python3 -c "import sys; sys.path.insert(0, 'bench'); \
+from train_step import _checkpoints; from pathlib import Path; \
+[_checkpoints(n, Path('$CKPT')) for n in ('swinb_celeba_512', 'mobilenet_celeba_512')]"
+  echo "checkpoints ready at $(( $(date +%s) - START )) s"
 } > "$OUT/env.txt" 2>&1
-CKPT=/tmp/segface-gpu-ckpt
-TRAIN="python3 bench/train_step.py --torch-device cuda --runs 10 --checkpoints $CKPT"
-T="$OUT/bench_train_gpu.txt"
-# Seen on the H200 (2026-11-29): compiling Swin-B 512's training step took JAX 100-150 s
-# (bfloat16; float32 did not finish in 100 s) and torch.compile more than 150 s, so each
-# measurement gets 240 s and the sections run most important first.
-# the headline: Swin-B 512 in bfloat16 at per-device batch 16, JAX against torch eager
-run 300 "$T" $TRAIN --timeout 240 --dtype bfloat16 --peak-tflops 989.4 --batch 16 \
-  --variants swinb_celeba_512
-run 240 "$OUT/parity_gpu.txt" python3 -c "import sys; from segface_jax.cli import main; \
-sys.exit(main())" parity --variant swinb_celeba_512 --out "$OUT/parity_gpu.png"
-run 300 "$T" $TRAIN --timeout 280 --dtype bfloat16 --peak-tflops 989.4 --batch 16 \
-  --torch-compile --skip jax torch --variants swinb_celeba_512
-run 300 "$T" $TRAIN --timeout 240 --dtype float32 --peak-tflops 494.7 --batch 16 \
-  --variants swinb_celeba_512
-run 300 "$T" $TRAIN --timeout 240 --dtype bfloat16 --peak-tflops 989.4 --batch 16 \
-  --variants mobilenet_celeba_512
-run 300 "$T" $TRAIN --timeout 240 --dtype bfloat16 --peak-tflops 989.4 --batch 8 4 \
-  --variants swinb_celeba_512
-run 300 "$OUT/bench_memory_gpu.txt" python3 bench/memory.py --torch-device cuda \
-  --variants swinb_celeba_512 --batch 8 --remat none block --dtype bfloat16
-run 300 "$OUT/bench_gpu.txt" python3 bench/forward.py --torch-device cuda --batch 1 8 \
-  --precision tf32 --runs 20 --variants swinb_celeba_512
+TRAIN="python3 bench/train_step.py --torch-device cuda --runs 10 --checkpoints /tmp/segface-gpu-ckpt"
+BF16="--dtype bfloat16 --peak-tflops 989.4"
+F32="--dtype float32 --peak-tflops 494.7"
+SWIN="--variants swinb_celeba_512 --batch 16"
+MOBILE="--variants mobilenet_celeba_512 --batch 16"
+lane_jax() {
+  local f="$OUT/lane_jax.txt"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=.45  # the torch lane shares the device
+  run 300 "$f" $TRAIN --skip torch $BF16 $SWIN --profile-dir "$OUT"
+  run 260 "$f" $TRAIN --skip torch $F32 $SWIN
+  run 200 "$f" $TRAIN --skip torch $BF16 $MOBILE
+}
+lane_torch() {
+  local f="$OUT/lane_torch.txt"
+  run 120 "$f" $TRAIN --skip jax $BF16 $SWIN --profile-dir "$OUT"
+  run 360 "$f" $TRAIN --skip jax torch --torch-compile $BF16 $SWIN
+  run 100 "$f" $TRAIN --skip jax $F32 $SWIN
+  run 100 "$f" $TRAIN --skip jax $BF16 $MOBILE
+}
+lane_memory() {
+  # compile only, autotuning off: this lane never touches the device
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
+    run 520 "$OUT/memory.txt" python3 bench/memory.py --no-torch --torch-device cpu \
+    --variants swinb_celeba_512 --batch 8 16 4 2 1 --remat none block --dtype bfloat16 float32
+}
+lane_jax & lane_torch & lane_memory &
+wait
 echo "done at $(( $(date +%s) - START )) s" >> "$OUT/env.txt"

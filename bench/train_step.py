@@ -15,7 +15,12 @@ Memory like for like on any device: bench/memory.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import gzip
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,9 +39,27 @@ def _batch(resolution: int, batch: int, classes: int):
             rng.integers(0, classes, (batch, resolution, resolution)).astype(np.uint8))
 
 
-def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict:
+@contextlib.contextmanager
+def exclusive_device():
+    """Hold the file lock named by $SEGFACE_BENCH_DEVICE_LOCK (if set) for the block, so that
+    benchmarks running side by side on one GPU time their steps one at a time."""
+    path = os.environ.get("SEGFACE_BENCH_DEVICE_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
+               profile_dir: str = "") -> dict:
     """Time the jitted, donated training step of the converted checkpoint, computing in
-    ``dtype`` (parameters and optimizer state stay float32)."""
+    ``dtype`` (parameters and optimizer state stay float32); with ``profile_dir``, also trace
+    one more step there (``jax_trace.json.gz``) beside the compiled HLO (``jax_hlo.txt.gz``)."""
     import jax
     import numpy as np
 
@@ -44,6 +67,10 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
     from segface_jax.train import optim, step
     from segface_jax.train.mesh import data_mesh
 
+    if profile_dir:
+        from profile_step import name_module_scopes  # each op's op_name names its module
+
+        name_module_scopes()
     model = load(ckpt, dtype=None if dtype == "float32" else dtype)
     v = model.variant
     images, labels = _batch(v.resolution, batch, v.num_classes)
@@ -59,19 +86,36 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32") -> dict
     # the model's FLOPs from the lowered program: after compilation, GPU matmuls and
     # convolutions are library calls that the compiled program's cost analysis does not count
     flops = (lowered.cost_analysis() or {}).get("flops")
-    compiled = lowered.compile()  # timed below as it is: nothing compiles twice
-    times = []
-    for i in range(runs + 2):
+    with exclusive_device():  # XLA:GPU's autotuning times kernels on the device
         t0 = time.perf_counter()
-        state, metrics = compiled(state, b)
-        jax.block_until_ready(metrics["loss"])
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        compiled = lowered.compile()  # timed below as it is: nothing compiles twice
+        compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    times = []
+    with exclusive_device():
+        for i in range(runs + 2):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, b)
+            jax.block_until_ready(metrics["loss"])
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        if profile_dir:
+            with tempfile.TemporaryDirectory(prefix="segface-trace-") as tmp:
+                with jax.profiler.trace(tmp):
+                    state, metrics = compiled(state, b)
+                    jax.block_until_ready(metrics["loss"])
+                trace = sorted(Path(tmp).glob("**/*.trace.json.gz"))[-1]
+                shutil.copy(trace, Path(profile_dir) / "jax_trace.json.gz")
+            with gzip.open(Path(profile_dir) / "jax_hlo.txt.gz", "wt") as f:
+                f.write(compiled.as_text())
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     peak = stats["peak_bytes_in_use"] / 2**20 if stats else None
-    return {"s": statistics.median(times), "peak_mb": peak, "flops": flops,
-            "device": str(dev.device_kind)}
+    xla_mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in
+              ("argument", "output", "alias", "temp")} if m is not None else None
+    return {"s": statistics.median(times), "spread": [min(times), max(times)],
+            "peak_mb": peak, "flops": flops, "device": str(dev.device_kind),
+            "compile_s": compile_s, "xla_mb": xla_mb}
 
 
 def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
@@ -123,20 +167,45 @@ def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
 
 
 def worker_torch(pt: str, variant: str, batch: int, runs: int, device: str,
-                 compiled: bool = False, dtype: str = "float32") -> dict:
+                 compiled: bool = False, dtype: str = "float32", profile_dir: str = "") -> dict:
     """Time upstream's step (``torch_step``), eager or under ``torch.compile`` (inductor; the
-    warm-up steps compile)."""
+    warm-up steps compile); with ``profile_dir``, also profile one more step there
+    (``torch_profile.txt``: self time per op on the device, or on the CPU)."""
     import torch
 
     step = torch_step(variant, batch, device, pt, compiled, dtype)
-    times = []
-    for i in range(runs + 2):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(2):
         step()
-        if i >= 2:
+    warm_s = time.perf_counter() - t0
+    times = []
+    with exclusive_device():
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            step()
             times.append(time.perf_counter() - t0)
+        if profile_dir:
+            _profile_torch(step, device, Path(profile_dir) / "torch_profile.txt")
     peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
-    return {"s": statistics.median(times), "peak_mb": peak}
+    return {"s": statistics.median(times), "spread": [min(times), max(times)],
+            "peak_mb": peak, "warm_s": warm_s}
+
+
+def _profile_torch(step, device: str, path: Path) -> None:
+    """Write torch.profiler's table of one ``step`` to ``path``, by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device != "cpu"
+    with profile(activities=[ProfilerActivity.CPU]
+                 + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        step()
+    averages = prof.key_averages()
+    key = "self_cpu_time_total"
+    if gpu:  # torch >= 2.4 names it "device"; older releases "cuda"
+        key = ("self_device_time_total" if hasattr(averages[0], "self_device_time_total")
+               else "self_cuda_time_total")
+    with open(path, "a") as f:
+        f.write(averages.table(sort_by=key, row_limit=60, max_name_column_width=90))
 
 
 def run_worker(script: str, args: list[str], timeout: float | None = None) -> dict:
@@ -186,15 +255,20 @@ def main() -> None:
                    help="seconds each measurement may take; one that outlasts it shows '-'")
     p.add_argument("--skip", nargs="+", choices=["jax", "torch"], default=[],
                    help="leave these columns out (e.g. a torch.compile run on its own)")
+    p.add_argument("--profile-dir", default="",
+                   help="also trace one step of each side into this folder (JAX: the trace "
+                        "and compiled HLO that bench/profile_step.py --from-dir reads; torch: "
+                        "torch.profiler's table); one variant and batch per run")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         kind, *rest = args.worker
         if kind == "jax":
-            out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3])
+            out = worker_jax(rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4])
         else:
             out = worker_torch(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4],
-                               compiled=kind == "torch-compile", dtype=rest[5])
+                               compiled=kind == "torch-compile", dtype=rest[5],
+                               profile_dir=rest[6])
         print(json.dumps(out))
         return
 
@@ -216,14 +290,16 @@ def main() -> None:
             pt, converted = _checkpoints(name, folder)
             for batch in args.batch:
                 j = _run(["--worker", "jax", str(converted), str(batch), str(args.runs),
-                          args.dtype], args.timeout, "jax" in args.skip)
+                          args.dtype, args.profile_dir], args.timeout, "jax" in args.skip)
                 t = [_run(["--worker", kind, str(pt), name, str(batch), str(args.runs),
-                           args.torch_device, args.dtype], args.timeout, kind in args.skip)
-                     for kind in torch_kinds]
+                           args.torch_device, args.dtype, args.profile_dir], args.timeout,
+                          kind in args.skip) for kind in torch_kinds]
                 print(_row(name, batch, j, t, args, gpu), flush=True)
                 for who, r in zip(["JAX", *torch_kinds], [j, *t]):
                     if "error" in r and r["error"] != SKIPPED:
                         print(f"  ({name} batch {batch}, {who}: {r['error']})", flush=True)
+                    elif "error" not in r:
+                        print(f"  ({name} batch {batch}, {who}: {_details(r)})", flush=True)
 
 
 def _checkpoints(name: str, folder: Path) -> tuple[Path, Path]:
@@ -258,6 +334,22 @@ def _row(name: str, batch: int, j: dict, t: list[dict], args, gpu: bool) -> str:
 
 
 SKIPPED = "skipped"
+
+
+def _details(r: dict) -> str:
+    """What a measurement saw besides its step time: compile or warm-up seconds, and XLA's
+    memory analysis of the compiled step (MiB)."""
+    parts = [f"steps {r['spread'][0]:.3f}-{r['spread'][1]:.3f} s"] if "spread" in r else []
+    if "compile_s" in r:
+        parts.append(f"compile {r['compile_s']:.0f} s")
+    if "warm_s" in r:
+        parts.append(f"two warm-up steps {r['warm_s']:.1f} s")
+    if r.get("xla_mb"):
+        m = r["xla_mb"]
+        parts.append(f"XLA memory analysis: arguments {m['argument']:.0f} MiB, outputs "
+                     f"{m['output']:.0f}, aliased {m['alias']:.0f}, temporaries {m['temp']:.0f}"
+                     f", peak {m['argument'] + m['output'] - m['alias'] + m['temp']:.0f}")
+    return "; ".join(parts)
 
 
 def _run(args: list[str], timeout: float | None = None, skip: bool = False) -> dict:
