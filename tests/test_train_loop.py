@@ -179,11 +179,11 @@ def test_tensorboard_event_file_reads_back_with_tensorboardX(tmp_path):
 
 
 def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
-    """MFU's FLOPs come from the lowered, global program: a (64, 128) x (128, 256) product
-    whose rows are split over 8 devices is 2*64*128*256 FLOPs per step, not one device's
-    share. (Why the lowered program: on a GPU the compiled one hands matmuls to cuBLAS, whose
-    FLOPs its analysis misses; that needs a GPU to show, see README's H200 figures.) Bar: the
-    count may add the sum's 64*256 additions and nothing more (exact integers)."""
+    """MFU's FLOPs are the global step's: a (64, 128) x (128, 256) product whose rows are
+    split over 8 devices is 2*64*128*256 FLOPs per step, not one device's share, both from
+    XLA's analysis of the lowered program (CPU) and from the jaxpr, the count used where XLA
+    reports none (XLA:GPU, emulated here by a lowered program without a count; README's H200
+    figures). Bar: exact integers; XLA may add the sum's 64*256 additions and nothing more."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -191,12 +191,51 @@ def test_step_flops_counts_the_global_matmuls_of_a_sharded_step():
 
     from segface_jax.train import perf
 
+    class NoCount:  # what XLA:GPU's lowered program gives
+        def cost_analysis(self):
+            return None
+
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     x = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=NamedSharding(mesh, P("data")))
     w = jax.ShapeDtypeStruct((128, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
-    lowered = jax.jit(lambda x, w: (x @ w).sum()).lower(x, w)
+    traced = jax.jit(lambda x, w: (x @ w).sum()).trace(x, w)
     matmul = 2 * 64 * 128 * 256
-    assert matmul <= perf.step_flops(lowered) <= matmul + 64 * 256
+    assert matmul <= perf.step_flops(traced, traced.lower()) <= matmul + 64 * 256
+    assert perf.step_flops(traced, NoCount()) == matmul
+
+
+def test_jaxpr_flops_counts_convolutions_and_their_gradients_as_torch_does():
+    """The jaxpr count of a strided, grouped convolution's forward and backward pass is three
+    times its forward's multiply-adds (x2), as torch's FLOP counter counts: the input gradient,
+    an input-dilated convolution, as many as the forward, not one per tap of the dilated input
+    (4x as many here). A matmul inside a ``scan`` counts once per iteration, a ``cond`` its
+    costliest branch. Bar: exact integers, computed by hand from the shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from segface_jax.train import perf
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", feature_group_count=4,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, k = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 4, 8))  # 16 -> 8 channels, 4 groups
+    forward = 2 * (2 * 16 * 16 * 8) * (3 * 3 * 4)  # each output: 3x3 taps x 4 inputs
+    count = perf.jaxpr_flops
+    assert count(jax.make_jaxpr(conv)(x, k).jaxpr) == forward
+
+    def loss(x, k):
+        return (conv(x, k) ** 2).sum()
+
+    # value_and_grad: the forward, the input gradient and the kernel gradient
+    assert count(jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(x, k).jaxpr) == 3 * forward
+
+    a, b = jnp.ones((5, 8, 16)), jnp.ones((16, 4))
+    scanned = jax.make_jaxpr(lambda a, b: jax.lax.scan(lambda c, r: (c, r @ b), 0, a))(a, b)
+    assert count(scanned.jaxpr) == 5 * 2 * 8 * 16 * 4
+    branches = jax.make_jaxpr(lambda p, a, b: jax.lax.cond(p, lambda: a[0] @ b,
+                                                           lambda: a[0, :, :4] @ b[:4]))
+    assert count(branches(True, a, b).jaxpr) == 2 * 8 * 16 * 4
 
 
 @pytest.mark.slow

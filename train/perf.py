@@ -1,20 +1,24 @@
 """How fast a training run goes: images/s, FLOPs per step, model FLOPs utilisation (MFU), and
 a ``jax.profiler`` trace of a few steps.
 
-FLOPs come from XLA's cost analysis of the compiled step. The compiled executable is the
-SPMD-partitioned program of one device, so its count is one device's share of the step
-(measured: 1/8 of the single-device count on an 8-device mesh); ``flops_per_step`` is that
-share times the device count, and MFU is the per-device share against the per-device peak.
-Work that every device repeats (the AdamW update of the replicated parameters) counts once per
-device, as it costs.
+FLOPs per step are those of the global step (the program before partitioning, so the same on
+any mesh): XLA's cost analysis of the lowered program where it reports them (CPU), else 2 per
+multiply-add of the step's matmuls and convolutions, counted in its jaxpr. XLA:GPU reports
+none (JAX 0.11.2 on an H200), and the compiled program's analysis misses the matmuls handed to
+cuBLAS (1.1 of Swin-B 512's 9.3 TFLOP per step), so a GPU counts from the jaxpr. The two agree
+within a few percent: the jaxpr count leaves out elementwise work (Swin-B 224's step: 0.971
+of XLA's count) and counts every convolution tap, padding included, as torch's FLOP counter
+does. MFU is FLOPs per step times steps/s against the peak of all devices.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import jax
+import jax.extend
 from etils import epath
 
 # Dense (no sparsity) peak FLOP/s of one device by ``jax.devices()[0].device_kind``, for the
@@ -42,15 +46,62 @@ def peak_flops(device_kind: str, dtype: str, peak_tflops: float | None = None) -
     return PEAK_FLOPS.get(device_kind, {}).get(dtype)
 
 
-def step_flops(lowered: jax.stages.Lowered) -> float | None:
-    """FLOPs of one global step, from XLA's cost analysis of the ``lowered`` program, if it
-    reports them.
-
-    The lowered program is the global one, before partitioning and before XLA:GPU hands its
-    matmuls and convolutions to cuBLAS/cuDNN as library calls, which the compiled program's
-    cost analysis does not count (on an H200 it saw 1.1 of Swin-B's 9.3 TFLOP per step)."""
+def step_flops(traced: jax.stages.Traced, lowered: jax.stages.Lowered) -> float:
+    """FLOPs of one global step: XLA's count of the ``lowered`` program if it gives one,
+    else the matmul and convolution FLOPs of the ``traced`` step (``jaxpr_flops``)."""
     flops = (lowered.cost_analysis() or {}).get("flops")
-    return float(flops) if flops else None
+    return float(flops) if flops else float(jaxpr_flops(traced.jaxpr.jaxpr))
+
+
+def jaxpr_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """2 per multiply-add of every ``dot_general`` and ``conv_general_dilated`` in ``jaxpr``
+    and the jaxprs it calls (a ``scan``'s body once per iteration, a ``cond``'s costliest
+    branch)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs = eqn.invars[0].aval.shape
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                lhs[d] for d in contracting)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        else:
+            inner = [jaxpr_flops(j) for j in _sub_jaxprs(eqn.params)]
+            if name == "cond":
+                total += max(inner, default=0)
+            else:
+                total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def _conv_flops(eqn: jax.extend.core.JaxprEqn) -> int:
+    """2 per multiply-add of a ``conv_general_dilated``, counted as torch's FLOP counter
+    counts: every tap, padding included, and a strided convolution's input gradient (an
+    input-dilated convolution) as many as the convolution it differentiates."""
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    dims = eqn.params["dimension_numbers"]
+    taps = math.prod(rhs[d] for d in dims.rhs_spec[2:])
+    if any(d != 1 for d in eqn.params["lhs_dilation"]):
+        # each input element meets every tap of each output feature of its group
+        per_group = rhs[dims.rhs_spec[0]] // eqn.params["feature_group_count"]
+        return 2 * math.prod(lhs) * taps * per_group
+    # each output element sums the kernel's input features (per group) x its taps
+    return 2 * math.prod(eqn.outvars[0].aval.shape) * taps * rhs[dims.rhs_spec[1]]
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[jax.extend.core.Jaxpr]:
+    """The jaxprs among an equation's parameters (``pjit``'s, a ``custom_jvp``'s, ``cond``'s
+    branches...)."""
+    found = []
+    for value in params.values():
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                found.append(v.jaxpr)
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                found.append(v)
+    return found
 
 
 class Throughput:

@@ -235,12 +235,13 @@ def _loop(run: _Run, status: _Status, checkpoints: RunCheckpoints, writer: Metri
     batches = prefetch_to_device(run.batches, NamedSharding(run.mesh, P("data")), _BATCH_KEYS)
     first = next(batches)
     # compiled once here and called directly below, so the loop never compiles again
-    lowered = run.train_step.lower(status.latest.state, first[0])
+    traced = run.train_step.trace(status.latest.state, first[0])
+    lowered = traced.lower()
     compiled = lowered.compile()
     peak = perf.peak_flops(jax.devices()[0].device_kind, cfg.dtype, cfg.peak_tflops)
     # the cost analysis only where MFU can be reported (1.5 s even for a tiny model on a CPU)
-    meter = perf.Throughput(cfg.global_batch, perf.step_flops(lowered) if peak else None, peak,
-                            status.latest.step)
+    meter = perf.Throughput(cfg.global_batch, perf.step_flops(traced, lowered) if peak else None,
+                            peak, status.latest.step)
     val_every = cfg.eval_every_epochs * run.steps_per_epoch
     with perf.ProfileWindow(run.workdir / "profile", profile_steps,
                             status.latest.step) as profile:
