@@ -2,6 +2,7 @@
 
     python bench/profile_step.py                                  # mobilenet_celeba_512, batch 2
     python bench/profile_step.py --variant swinb_celeba_224 --batch 2 --top 25
+    python bench/profile_step.py --from-dir OUT   # a step traced on a GPU (bench/run_gpu.sh)
 
 One step as bench/train_step.py runs it (forward, 0.5 CE + 0.5 Dice, backward, AdamW; training
 mode), after two warm-up steps, each framework in its own process.
@@ -33,7 +34,9 @@ from train_step import _batch, run_worker, torch_step  # noqa: E402
 _MOVEMENT = {"transpose", "copy", "slice", "pad", "concatenate", "reshape", "split",
              "dynamic_slice", "dynamic_update_slice", "broadcast_in_dim", "squeeze",
              "expand_dims", "gather", "scatter-add", "scatter_add", "rev"}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\((.*)$", re.M)
+# name = shape opcode(operands...: the shape may be a tuple with spaces
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (?:.*?) ([\w\-]+)\((.*)$", re.M)
+_LIBRARY_KERNEL = ("nvjet", "sm90", "sm80", "cutlass", "ampere", "cudnn", "void ")
 
 
 def _kind(opcode: str, library: bool, primitive: str) -> str:
@@ -105,16 +108,6 @@ def worker_jax(variant: str, batch: int) -> dict:
     images, labels = _batch(v.resolution, batch, v.num_classes)
     b = {"image": images, "label": labels, "landmarks": np.zeros((batch, 5, 2), np.float32)}
     compiled = train.lower(state, b).compile()
-    ops = {}
-    for name, opcode, rest in _INSTRUCTION.findall(compiled.as_text()):
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        op_name = op_name.group(1) if op_name else ""
-        primitive = op_name.rsplit("/", 1)[-1] or opcode
-        library = '"__ynn_fusion"' in rest or '"__xnn_fusion"' in rest or "onednn" in rest
-        scopes = [part for part in op_name.split("/") if part.startswith("segface.")]
-        source = scopes[-1].removeprefix("segface.") if scopes else "(outside modules)"
-        ops[name] = (_kind(opcode, library, primitive), primitive,
-                     "backward" if "transpose(" in op_name else "forward", source)
     for _ in range(2):
         state, metrics = compiled(state, b)
         jax.block_until_ready(metrics)
@@ -126,13 +119,40 @@ def worker_jax(variant: str, batch: int) -> dict:
         wall = time.perf_counter() - t0
         trace = sorted(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True))[-1]
         events = json.load(gzip.open(trace))["traceEvents"]
+    return {"wall_ms": wall * 1e3, **summarise(events, compiled.as_text())}
+
+
+def summarise(events: list[dict], hlo: str) -> dict:
+    """Time per (kind, primitive, pass) and per (module, pass), in ms, of a trace's ``events``
+    matched to the compiled ``hlo``'s instructions. On a GPU only the device's kernels count:
+    XLA's own are named after their fusion (``a.1`` runs as ``a_1``), library kernels
+    (cuBLAS, cuDNN) after themselves and sit under ``library call``."""
+    ops = {}
+    for name, opcode, rest in _INSTRUCTION.findall(hlo):
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        op_name = op_name.group(1) if op_name else ""
+        primitive = op_name.rsplit("/", 1)[-1] or opcode
+        library = '"__ynn_fusion"' in rest or '"__xnn_fusion"' in rest or "onednn" in rest
+        scopes = [part for part in op_name.split("/") if part.startswith("segface.")]
+        source = scopes[-1].removeprefix("segface.") if scopes else "(outside modules)"
+        ops[name] = ops[name.replace(".", "_")] = (
+            _kind(opcode, library, primitive), primitive,
+            "backward" if "transpose(" in op_name else "forward", source)
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") ==
+               "process_name" and "/device:GPU" in e.get("args", {}).get("name", "")}
     rows, sources = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e["name"] in ops:
+        if e.get("ph") != "X" or (devices and e["pid"] not in devices):
+            continue
+        if e["name"] in ops:
             *key, source = ops[e["name"]]
-            rows["|".join(key)] += e["dur"] / 1e3
-            sources[f"{source}|{key[2]}"] += e["dur"] / 1e3
-    return {"wall_ms": wall * 1e3, "rows": dict(rows), "sources": dict(sources)}
+        elif devices and e["name"].startswith(_LIBRARY_KERNEL):
+            key, source = ["library call", "(cuBLAS/cuDNN kernel)", "-"], "(library calls)"
+        else:
+            continue
+        rows["|".join(key)] += e["dur"] / 1e3
+        sources[f"{source}|{key[2]}"] += e["dur"] / 1e3
+    return {"rows": dict(rows), "sources": dict(sources)}
 
 
 def worker_torch(variant: str, batch: int) -> dict:
@@ -165,6 +185,10 @@ def main() -> None:
     p.add_argument("--variant", default="mobilenet_celeba_512")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--top", type=int, default=20, help="rows of the per-op tables")
+    p.add_argument("--from-dir", default="",
+                   help="summarise a step traced elsewhere instead (a GPU's: the folder where "
+                        "bench/train_step.py --profile-dir wrote jax_trace.json.gz and "
+                        "jax_hlo.txt.gz)")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -173,18 +197,31 @@ def main() -> None:
         print(json.dumps(out))
         return
 
+    if args.from_dir:
+        folder = Path(args.from_dir)
+        events = json.load(gzip.open(folder / "jax_trace.json.gz"))["traceEvents"]
+        j = summarise(events, gzip.open(folder / "jax_hlo.txt.gz", "rt").read())
+        print(f"the step traced in {folder} (torch's profile, if any: torch_profile.txt)")
+        _tables(j, None, args.top)
+        return
     j = run_worker(__file__, ["--worker", "jax", args.variant, str(args.batch)])
     t = run_worker(__file__, ["--worker", "torch", args.variant, str(args.batch)])
     print(f"{args.variant}, batch {args.batch}: one step takes {j['wall_ms'] / 1e3:.2f} s in "
           f"JAX and {t['wall_ms'] / 1e3:.2f} s in torch eager (under their profilers)")
+    _tables(j, t, args.top)
+
+
+def _tables(j: dict, t: dict | None, top: int) -> None:
+    """JAX by kind, by op and by module; torch eager by op (when ``t``)."""
     by_kind = collections.Counter()
     for key, ms in j["rows"].items():
         kind, _, pass_ = key.split("|")
         by_kind[f"{kind}|{pass_}"] += ms
     _table("JAX by kind", by_kind, 99, "| kind | pass | ms | share |")
-    _table("JAX by op", j["rows"], args.top, "| kind | primitive | pass | ms | share |")
-    _table("JAX by module (innermost)", j["sources"], args.top, "| module | pass | ms | share |")
-    _table("torch eager by op (self time)", t["rows"], args.top, "| op | ms | share |")
+    _table("JAX by op", j["rows"], top, "| kind | primitive | pass | ms | share |")
+    _table("JAX by module (innermost)", j["sources"], top, "| module | pass | ms | share |")
+    if t:
+        _table("torch eager by op (self time)", t["rows"], top, "| op | ms | share |")
 
 
 if __name__ == "__main__":

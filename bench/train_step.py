@@ -7,9 +7,11 @@ One step = forward, 0.5 CE + 0.5 Dice, backward, AdamW (lr 1e-4, wd 1e-5), in tr
 (BatchNorm batch statistics; stochastic depth as torchvision's default). Both start from the
 same seeded release-format weights. Each (framework, variant) runs in its own process; we
 report the median step after two warm-up steps (compilation for JAX, and for torch.compile
-with ``--torch-compile``), images/s, the step's FLOPs from XLA's cost analysis and the
-GFLOP/s each side reaches (against ``--peak-tflops``), and on a GPU peak device memory.
-Memory like for like on any device: bench/memory.py.
+with ``--torch-compile``), images/s, the step's FLOPs as the trainer counts them
+(train/perf.py) and the GFLOP/s each side reaches (against ``--peak-tflops``), and on a GPU
+peak device memory. On a GPU torch computes float32 matmuls and convolutions in TF32, as JAX's
+default precision does there. Beside each row: compile or warm-up time, the timed steps'
+range and XLA's memory analysis. Memory like for like on any device: bench/memory.py.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
     import numpy as np
 
     from segface_jax.runtime import load
-    from segface_jax.train import optim, step
+    from segface_jax.train import optim, perf, step
     from segface_jax.train.mesh import data_mesh
 
     if profile_dir:
@@ -82,10 +84,9 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
     train = step.make_train_step(graphdef, tx, mesh, dice_group=None,
                                  needs_landmarks=v.needs_landmarks)
     b = {"image": images, "label": labels, "landmarks": np.zeros((batch, 5, 2), np.float32)}
-    lowered = train.lower(state, b)
-    # the model's FLOPs from the lowered program: after compilation, GPU matmuls and
-    # convolutions are library calls that the compiled program's cost analysis does not count
-    flops = (lowered.cost_analysis() or {}).get("flops")
+    traced = train.trace(state, b)
+    lowered = traced.lower()
+    flops = perf.step_flops(traced, lowered)  # the trainer's count, for its MFU
     with exclusive_device():  # XLA:GPU's autotuning times kernels on the device
         t0 = time.perf_counter()
         compiled = lowered.compile()  # timed below as it is: nothing compiles twice
@@ -131,6 +132,9 @@ def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
     from segface_jax.variants import get_variant
 
     v = get_variant(variant)
+    if device != "cpu":  # float32 matmuls and convolutions as JAX's default precision runs them
+        torch.set_float32_matmul_precision("high")  # TF32 on NVIDIA Tensor Cores
+        torch.backends.cudnn.allow_tf32 = True
     model = reference.build_reference(v)
     if pt is not None:
         model.load_state_dict(torch.load(pt, weights_only=True)["state_dict_backbone"])
@@ -275,8 +279,9 @@ def main() -> None:
     torch_kinds = ["torch", "torch-compile"] if args.torch_compile else ["torch"]
     gpu = args.torch_device != "cpu"
     print(f"Compute dtype {args.dtype} on both sides (parameters float32; torch under "
-          f"torch.autocast for bfloat16). GFLOP/step from XLA's cost analysis; each side's "
-          f"GFLOP/s is that over its own step time; '-' is a failed or timed-out run.")
+          f"torch.autocast for bfloat16). GFLOP/step as the trainer counts them "
+          f"(train/perf.py); each side's GFLOP/s is that over its own step time; '-' is a "
+          f"failed or timed-out run.")
     head = ("| variant | batch | JAX s/step | torch eager s/step | JAX speed vs eager |"
             + (" torch.compile s/step | JAX vs compile |" if args.torch_compile else "")
             + " JAX img/s | GFLOP/step | JAX GFLOP/s | torch GFLOP/s |"
