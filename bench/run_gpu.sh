@@ -66,7 +66,7 @@ lane_torch() {
   run 100 "$f" $TRAIN --skip jax $BF16 $MOBILE
 }
 lane_memory() {
-  # compile only, autotuning off: this lane never touches the device
+  # compile only, autotuning off: this lane times no kernels on the device and runs no step
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
     run 520 "$OUT/memory.txt" python3 bench/memory.py --no-torch --torch-device cpu \
     --variants swinb_celeba_512 --batch 8 16 4 2 1 --remat none block --dtype bfloat16 float32
