@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import _batch, run_worker, torch_step  # noqa: E402
+from train_step import _batch, run_worker, torch_step, xla_memory  # noqa: E402
 
 DEFAULT_VARIANTS = ["swinb_celeba_512", "mobilenet_celeba_512"]
 
@@ -70,10 +70,7 @@ def worker_jax(variant: str, batch: int, remat: str, dtype: str, run: bool) -> d
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    out = xla_memory(compiled)
     dev = jax.devices()[0]
     out["device"], out["compile_s"] = dev.device_kind, compile_s
     if run and dev.platform != "cpu":

@@ -57,6 +57,16 @@ def exclusive_device():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def xla_memory(compiled) -> dict[str, int]:
+    """XLA's memory analysis of a compiled step for one device, in bytes: arguments, outputs,
+    outputs aliased onto donated arguments, temporaries, and the peak they add up to."""
+    m = compiled.memory_analysis()
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
 def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
                profile_dir: str = "") -> dict:
     """Time the jitted, donated training step of the converted checkpoint, computing in
@@ -91,7 +101,7 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
         t0 = time.perf_counter()
         compiled = lowered.compile()  # timed below as it is: nothing compiles twice
         compile_s = time.perf_counter() - t0
-    m = compiled.memory_analysis()
+    memory = xla_memory(compiled)
     times = []
     with exclusive_device():
         for i in range(runs + 2):
@@ -112,11 +122,9 @@ def worker_jax(ckpt: str, batch: int, runs: int, dtype: str = "float32",
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     peak = stats["peak_bytes_in_use"] / 2**20 if stats else None
-    xla_mb = {k: getattr(m, f"{k}_size_in_bytes") / 2**20 for k in
-              ("argument", "output", "alias", "temp")} if m is not None else None
     return {"s": statistics.median(times), "spread": [min(times), max(times)],
             "peak_mb": peak, "flops": flops, "device": str(dev.device_kind),
-            "compile_s": compile_s, "xla_mb": xla_mb}
+            "compile_s": compile_s, "xla_memory": memory}
 
 
 def torch_step(variant: str, batch: int, device: str, pt: str | None = None,
@@ -349,11 +357,9 @@ def _details(r: dict) -> str:
         parts.append(f"compile {r['compile_s']:.0f} s")
     if "warm_s" in r:
         parts.append(f"two warm-up steps {r['warm_s']:.1f} s")
-    if r.get("xla_mb"):
-        m = r["xla_mb"]
-        parts.append(f"XLA memory analysis: arguments {m['argument']:.0f} MiB, outputs "
-                     f"{m['output']:.0f}, aliased {m['alias']:.0f}, temporaries {m['temp']:.0f}"
-                     f", peak {m['argument'] + m['output'] - m['alias'] + m['temp']:.0f}")
+    if "xla_memory" in r:
+        parts.append("XLA memory analysis (MiB): " + ", ".join(
+            f"{k} {v / 2**20:.0f}" for k, v in r["xla_memory"].items()))
     return "; ".join(parts)
 
 
